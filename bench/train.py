@@ -62,6 +62,7 @@ class Study:
     steps: int = 200
     batch: int = 64
     lr: float = 3e-3
+    warmup: float = 0.05  # fraction of the steps over which the learning rate rises linearly to `lr`
     untie_at: float = 0.5  # fraction of the steps trained shared before an `untied` model unties
     eval_batches: int = 8
     model: dict[str, int] = field(default_factory=dict)
@@ -85,7 +86,7 @@ class TrainSpec:
 
 _STUDY_KEYS = {f.name for f in fields(Study)}
 _STUDY_LIST_KEYS = {"variants", "accum_steps", "sharing", "gelu"}
-_DEFAULT_KEYS = {"device", "seeds", "timeout_s", "lr", "steps", "batch", "eval_batches", "untie_at"}
+_DEFAULT_KEYS = {"device", "seeds", "timeout_s", "lr", "warmup", "steps", "batch", "eval_batches", "untie_at"}
 
 
 def load(preset: str | None, config: Path | None) -> TrainSpec:
@@ -155,8 +156,10 @@ def validate(spec: TrainSpec) -> TrainSpec:
                 raise BadInput(f"{where}: accum_steps={k!r} must be a positive divisor of batch={s.batch}")
         if not (isinstance(s.lr, int | float) and s.lr > 0):
             raise BadInput(f"{where}: lr={s.lr!r} must be a positive number")
-        if not (isinstance(s.untie_at, int | float) and 0 <= s.untie_at <= 1):
-            raise BadInput(f"{where}: untie_at={s.untie_at!r} must be a fraction of the steps in [0, 1]")
+        for name in ("warmup", "untie_at"):
+            value = getattr(s, name)
+            if isinstance(value, bool) or not (isinstance(value, int | float) and 0 <= value <= 1):
+                raise BadInput(f"{where}: {name}={value!r} must be a fraction of the steps in [0, 1]")
         if not isinstance(s.model, dict) or not isinstance(s.task_params, dict):
             raise BadInput(f"{where}: model and task_params must be tables")
         bad = set(s.model) - MODEL_KEYS
@@ -199,7 +202,8 @@ class TrainTask:
 
     def fields(self) -> dict[str, Any]:
         cfg = self.config()
-        settings = {"study": self.study.name, "lr": self.study.lr, "untie_at": self.study.untie_at,
+        settings = {"study": self.study.name, "lr": self.study.lr, "warmup": self.study.warmup,
+                    "untie_at": self.study.untie_at,
                     "model": {k: getattr(cfg, k) for k in sorted(MODEL_KEYS)},
                     "task": self.study.task_params, "attention": dict(self.point.params)}
         fields = {"kind": "train", "variant": self.variant, "impl": self.impl, "family": self.family,
@@ -304,7 +308,10 @@ def train(task: TrainTask) -> dict[str, Any]:
     grad_rel_err = (gradient_rel_error(model, *to_device(check_batch), task.accum_steps)
                     if task.accum_steps > 1 else 0.0)
     gen = torch.Generator().manual_seed(task.seed)
-    make_optimizer = lambda: torch.optim.AdamW(model.parameters(), lr=study.lr, weight_decay=0.0)  # noqa: E731
+    # β2 = 0.95 (GPT-3's) and a warm-up: with β2 = 0.999 or no warm-up MQAR stays on its plateau longer
+    make_optimizer = lambda: torch.optim.AdamW(model.parameters(), lr=study.lr, betas=(0.9, 0.95),  # noqa: E731
+                                               weight_decay=0.0)
+    warmup_steps = max(1, round(study.warmup * study.steps))
     optimizer = make_optimizer()
     untie_step = round(study.untie_at * study.steps) if task.sharing == "untied" else None
 
@@ -321,6 +328,8 @@ def train(task: TrainTask) -> dict[str, Any]:
         if i == untie_step:
             model.untie()
             optimizer = make_optimizer()  # the copies start with fresh optimizer state
+        for group in optimizer.param_groups:
+            group["lr"] = study.lr * min(1.0, (i + 1) / warmup_steps)
         batch = to_device(data.batch(study.batch, gen))  # data generation is not step time
         if i == study.steps - 1:  # the last step, untimed, gives the memory figure
             peak = peak_memory(Call(lambda batch=batch: step(*batch)), device)

@@ -100,18 +100,29 @@ def test_mqar_generator_invariants():
     tokens, labels = task.batch(16, torch.Generator().manual_seed(3))
     again, again_labels = task.batch(16, torch.Generator().manual_seed(3))
     assert torch.equal(tokens, again) and torch.equal(labels, again_labels)
+    shown = 0
     for row in range(16):
         keys, values = tokens[row, 0:12:2], tokens[row, 1:12:2]
-        assert len(set(keys.tolist())) == 6  # keys unique
+        assert len(set(keys.tolist())) == 6 and len(set(values.tolist())) == 6  # distinct keys and values
+        assert (keys >= 1).all() and (keys < 64).all() and (values >= 64).all()  # disjoint halves
         scored = (labels[row] != -100).nonzero().flatten()
         assert len(scored) == 6 and (scored >= 12).all()
         answer = dict(zip(keys.tolist(), values.tolist(), strict=True))
-        for pos in scored.tolist():
-            assert tokens[row, pos].item() in answer  # every label sits at a query (a key again)
-            assert labels[row, pos].item() == answer[tokens[row, pos].item()]
-            assert tokens[row, pos + 1].item() == labels[row, pos].item()
+        queried = [tokens[row, pos].item() for pos in scored.tolist()]
+        assert sorted(queried) == sorted(answer)  # each key queried exactly once
+        for pos, key in zip(scored.tolist(), queried, strict=True):
+            assert labels[row, pos].item() == answer[key]
+            shown += int(pos + 1 < 48 and tokens[row, pos + 1].item() == answer[key])
+    assert shown <= 2  # the value does not follow its query (no answer by elimination), beyond chance
     other, _ = task.batch(16, torch.Generator().manual_seed(4))
     assert not torch.equal(tokens, other)
+
+
+def test_mqar_rejects_layouts_that_cannot_hold_the_pairs():
+    with pytest.raises(ValueError, match="seq_len=20"):
+        MQAR(vocab=128, seq_len=20, pairs=7)
+    with pytest.raises(ValueError, match="vocab=16"):
+        MQAR(vocab=16, seq_len=64, pairs=8)
 
 
 def test_bytes_corpus_is_real_python_with_held_out_files():

@@ -1,6 +1,8 @@
 """A tiny pre-LN transformer LM whose attention is any registered (variant, impl), run causally.
 
-Token embedding + learned positions, L blocks (attention and MLP, each behind a LayerNorm and a
+Token embedding + learned positions (initialised as sinusoids, so that "the previous token" is a
+fixed linear map of a position from the first step: the previous-token head of an induction circuit
+then forms within a CPU-sized budget), L blocks (attention and MLP, each behind a LayerNorm and a
 residual), a final LayerNorm and a head tied to the embedding. Three ways to hold the L blocks:
 
 * ``unshared`` — L independent blocks;
@@ -11,6 +13,7 @@ residual), a final LayerNorm and a head tied to the embedding. Three ways to hol
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +36,15 @@ def gelu_max_abs_error(form: str, lo: float = -10.0, hi: float = 10.0, points: i
     """Max |form(x) − exact GELU(x)| on a dense float64 grid."""
     x = torch.linspace(lo, hi, points, dtype=torch.float64)
     return (GELUS[form](x) - F.gelu(x)).abs().max().item()
+
+
+def sinusoids(length: int, dim: int, std: float) -> torch.Tensor:
+    """Transformer sinusoidal positions (sin/cos pairs), scaled so that a whole period has deviation `std`."""
+    position = torch.arange(length, dtype=torch.float64)[:, None]
+    frequency = torch.exp(-math.log(10_000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, 0::2], table[:, 1::2] = torch.sin(position * frequency), torch.cos(position * frequency)[:, : dim // 2]
+    return (table * std * math.sqrt(2)).float()  # a sinusoid over its period has std 1/√2
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,8 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, entry) for _ in range(n_blocks))
         self.norm = nn.LayerNorm(cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.normal_(self.pos, std=0.02)
+        with torch.no_grad():
+            self.pos.copy_(sinusoids(cfg.seq_len, cfg.d_model, std=0.02))
 
     @property
     def shared(self) -> bool:
