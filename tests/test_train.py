@@ -168,6 +168,18 @@ def test_bad_train_input_exits_2(tmp_path, flags, named):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("line,named", [("warmup = 1.5", "warmup=1.5"), ("untie_at = -0.1", "untie_at=-0.1"),
+                                        ("warmup = true", "warmup=True")])
+def test_bad_schedule_fraction_exits_2(tmp_path, line, named):
+    config = tmp_path / "t.toml"
+    config.write_text(f'[train]\n{line}\n[[study]]\ntask = "mqar"\nvariants = ["standard/sdpa-math"]\n')
+    result = CliRunner().invoke(app, ["run", "train", "--config", str(config), "--device", "cpu",
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_train_command_end_to_end(tmp_path):
     config = tmp_path / "t.toml"

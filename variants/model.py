@@ -1,8 +1,8 @@
 """A tiny pre-LN transformer LM whose attention is any registered (variant, impl), run causally.
 
 Token embedding + learned positions (initialised as sinusoids, so that "the previous token" is a
-fixed linear map of a position from the first step: the previous-token head of an induction circuit
-then forms within a CPU-sized budget), L blocks (attention and MLP, each behind a LayerNorm and a
+fixed linear map of a position from the first step, which shortens the plateau before an induction
+circuit forms on MQAR), L blocks (attention and MLP, each behind a LayerNorm and a
 residual), a final LayerNorm and a head tied to the embedding. Three ways to hold the L blocks:
 
 * ``unshared`` — L independent blocks;
