@@ -175,6 +175,7 @@ def sweep_command(
 def train_command(
     preset: Annotated[str | None, typer.Option(help="Packaged train preset: quick (CPU), gpu.")] = None,
     config: Annotated[Path | None, typer.Option(help="A TOML training spec (see bench/train.py).")] = None,
+    study: Annotated[str | None, typer.Option(help="Comma list: run only these studies of the spec.")] = None,
     variants_: Annotated[str | None, typer.Option("--variants", help="Comma list: attention variant[/impl].")] = None,
     task: Annotated[str | None, typer.Option(help="mqar or bytes.")] = None,
     accum_steps: Annotated[str | None, typer.Option(help="Comma list of gradient accumulation steps k.")] = None,
@@ -200,7 +201,7 @@ def train_command(
         raise BadInput("--resume needs the --run-id of the run to finish")
     spec = train.override(
         train.load(preset, config), device=device, seeds=seeds, timeout_s=timeout_s,
-        variants=specs.parse_list(variants_, "variants"), task=task,
+        only=specs.parse_list(study, "study"), variants=specs.parse_list(variants_, "variants"), task=task,
         accum_steps=specs.parse_list(accum_steps, "accum-steps", int), sharing=specs.parse_list(sharing, "sharing"),
         gelu=specs.parse_list(gelu, "gelu"), steps=steps)
     train.validate(spec)

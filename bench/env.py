@@ -46,14 +46,19 @@ def _version(package: str) -> str | None:
 
 
 @functools.cache
-def git_commit() -> str | None:
-    """The harness's own commit, when it runs from a git checkout."""
+def git_commit(root: Path = Path(__file__).resolve().parent.parent) -> str | None:
+    """The harness's own commit, when it runs from a git checkout, with "+dirty" when its code
+    (bench/, variants/, pyproject.toml) differs from that commit: the row then names no exact source."""
+    git = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,  # noqa: E731
+                                       timeout=5)
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).resolve().parent)
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        dirty = git("diff", "--quiet", "HEAD", "--", "bench", "variants", "pyproject.toml").returncode == 1
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def _cpu_name() -> str:

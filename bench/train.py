@@ -121,10 +121,15 @@ def load(preset: str | None, config: Path | None) -> TrainSpec:
 
 
 def override(spec: TrainSpec, device: str | None = None, seeds: int | None = None,
-              timeout_s: float | None = None, **study_flags: Any) -> TrainSpec:
-    """Command-line flags win over the file; study flags apply to every study."""
+              timeout_s: float | None = None, only: tuple[str, ...] | None = None, **study_flags: Any) -> TrainSpec:
+    """Command-line flags win over the file; `only` keeps the studies so named; study flags apply to
+    every study kept."""
+    names = [s.name for s in spec.studies]
+    for name in only or ():
+        if name not in names:
+            raise BadInput(f"no study {name!r} in this spec (studies: {', '.join(names)})")
     given = {k: v for k, v in study_flags.items() if v is not None}
-    studies = tuple(replace(s, **given) for s in spec.studies)
+    studies = tuple(replace(s, **given) for s in spec.studies if not only or s.name in only)
     top = {k: v for k, v in {"device": device, "seeds": seeds, "timeout_s": timeout_s}.items() if v is not None}
     return replace(spec, studies=studies, **top)
 
@@ -166,6 +171,8 @@ def validate(spec: TrainSpec) -> TrainSpec:
         if bad:
             raise BadInput(f"{where}: unknown model key {sorted(bad)[0]!r} (valid: {', '.join(sorted(MODEL_KEYS))})")
         for key, value in {**s.model, **s.task_params}.items():
+            if key == "mlp_ratio":  # ModelConfig checks it: 0 (attention-only) is valid
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BadInput(f"{where}: {key}={value!r} must be a positive integer")
         try:
@@ -257,7 +264,8 @@ def accumulate_gradients(model: TinyLM, micro_batches: list[tuple[torch.Tensor, 
     loss_fn = loss_fn or (lambda logits, labels: token_loss_sum(logits, labels)[0] / total_tokens)
     step_loss = 0.0
     for tokens, labels in micro_batches:
-        loss = loss_fn(model(tokens), labels)
+        scored = labels != -100
+        loss = loss_fn(model(tokens, scored), labels[scored])
         loss.backward()
         step_loss += loss.item()
     return step_loss
@@ -289,10 +297,10 @@ def evaluate(model: TinyLM, batches: list[tuple[torch.Tensor, torch.Tensor]]) ->
     loss_sum, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for tokens, labels in batches:
-            logits = model(tokens)
-            loss, n = token_loss_sum(logits, labels)
             scored = labels != -100
-            correct += int((logits.argmax(-1)[scored] == labels[scored]).sum())
+            logits = model(tokens, scored)
+            loss, n = token_loss_sum(logits, labels[scored])
+            correct += int((logits.argmax(-1) == labels[scored]).sum())
             loss_sum, count = loss_sum + loss.item(), count + n
     return loss_sum / count, correct / count
 

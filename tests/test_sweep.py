@@ -218,3 +218,25 @@ def test_profile_top_profiles_the_slowest_points(tmp_path):
     assert list(profiles) == [slowest["key"]]
     folder = Path(profiles[slowest["key"]])
     assert (folder / "trace.json").is_file() and (folder / "kernels.csv").is_file()
+
+
+def test_git_commit_is_marked_dirty_only_when_the_harness_code_changed(tmp_path):
+    from bench.env import git_commit
+
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c",  # noqa: E731
+                                        "user.email=t@t", *args], check=True, capture_output=True)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "a.py").write_text("x = 1\n")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "r.txt").write_text("old\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / "results" / "r.txt").write_text("new\n")  # results are not the harness
+    assert git_commit(tmp_path) == head
+    (tmp_path / "bench" / "a.py").write_text("x = 2\n")
+    git_commit.cache_clear()
+    assert git_commit(tmp_path) == head + "+dirty"
+    assert git_commit(tmp_path / "missing") is None  # not a checkout: no commit to name

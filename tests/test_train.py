@@ -57,7 +57,8 @@ def test_wrong_normaliser_is_caught(k):
 
 def _expected_params(cfg: ModelConfig, blocks: int) -> int:
     d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
-    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
+    mlp = 2 * d + (d * hidden + hidden) + (hidden * d + d) if hidden else 0
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + mlp
     return cfg.vocab * d + cfg.seq_len * d + blocks * block + 2 * d  # embeddings (tied head), final norm
 
 
@@ -70,6 +71,23 @@ def test_parameter_counts_shared_unshared_untied():
     assert untied.n_params() == shared.n_params()
     untied.untie()
     assert untied.n_params() == unshared.n_params()
+
+
+def test_attention_only_blocks():
+    cfg = ModelConfig(**{**SMALL.__dict__, "mlp_ratio": 0})
+    m = model(cfg)
+    assert m.n_params() == _expected_params(cfg, cfg.layers)
+    assert all(block.mlp is None for block in m.blocks)
+    with pytest.raises(ValueError, match="mlp_ratio=-1"):
+        ModelConfig(mlp_ratio=-1)
+
+
+def test_logits_at_scored_positions_only():
+    m = model()
+    tokens, labels = uneven_batch()
+    scored = labels != -100
+    with torch.no_grad():
+        assert torch.allclose(m(tokens, scored), m(tokens)[scored], atol=1e-6)
 
 
 def test_untied_copies_start_equal_then_diverge():
@@ -157,6 +175,7 @@ BAD_TRAIN = [
     (["--variants", "nosuch"], "nosuch"),
     (["--preset", "nosuch"], "nosuch"),
     (["--seeds", "0"], "seeds"),
+    (["--study", "recall,poetry"], "poetry"),
 ]
 
 
@@ -177,6 +196,23 @@ def test_bad_schedule_fraction_exits_2(tmp_path, line, named):
                                       "--out", str(tmp_path / "o")])
     assert result.exit_code == 2, result.output
     assert named in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_study_flag_keeps_the_named_studies():
+    spec = train.override(train.load("quick", None), only=("gelu", "recall"), seeds=3)
+    assert [s.name for s in spec.studies] == ["recall", "gelu"] and spec.seeds == 3
+    assert train.override(train.load("quick", None)).studies == train.load("quick", None).studies
+
+
+@pytest.mark.parametrize("value", ["-1", "true", "1.5"])
+def test_bad_mlp_ratio_exits_2(tmp_path, value):
+    config = tmp_path / "t.toml"
+    config.write_text(f'[[study]]\ntask = "mqar"\nvariants = ["standard/sdpa-math"]\n[study.model]\nmlp_ratio = {value}\n')
+    result = CliRunner().invoke(app, ["run", "train", "--config", str(config), "--device", "cpu",
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "mlp_ratio=" in result.output
     assert not (tmp_path / "o").exists()
 
 
