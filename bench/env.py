@@ -48,14 +48,15 @@ def _version(package: str) -> str | None:
 @functools.cache
 def git_commit(root: Path = Path(__file__).resolve().parent.parent) -> str | None:
     """The harness's own commit, when it runs from a git checkout, with "+dirty" when its code
-    (bench/, variants/, pyproject.toml) differs from that commit: the row then names no exact source."""
+    (bench/, variants/, pyproject.toml) differs from that commit or has new files: the row then names
+    no exact source."""
     git = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,  # noqa: E731
                                        timeout=5)
     try:
         head = git("rev-parse", "--short=12", "HEAD")
         if head.returncode != 0 or not head.stdout.strip():
             return None
-        dirty = git("diff", "--quiet", "HEAD", "--", "bench", "variants", "pyproject.toml").returncode == 1
+        dirty = bool(git("status", "--porcelain", "--", "bench", "variants", "pyproject.toml").stdout.strip())
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")

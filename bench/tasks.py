@@ -3,7 +3,8 @@
 * ``mqar`` — multi-query associative recall (Zoology): key–value pairs first, then each key once
   more at a random later position among random filler tokens; only the prediction at a queried key
   is scored, and it must be that key's value. Softmax attention solves it; fixed-state linear
-  attention struggles.
+  attention struggles. With ``min_pairs`` < ``pairs`` each training sequence holds a random number
+  of pairs in [min_pairs, pairs] (Zoology trains on such a mixture), evaluation always ``pairs``.
 * ``bytes`` — byte-level language modelling on the Python standard library's own ``.py`` sources
   (a real corpus present on every machine with Python); held-out files give bits per byte.
 """
@@ -14,7 +15,7 @@ import functools
 import hashlib
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ class MQAR:
     vocab: int = 512
     seq_len: int = 64
     pairs: int = 8
+    min_pairs: int | None = None  # None: every training sequence holds `pairs` pairs
 
     name = "mqar"
 
@@ -35,10 +37,13 @@ class MQAR:
             raise ValueError(f"mqar: seq_len={self.seq_len} cannot hold {self.pairs} pairs and their queries")
         if self.vocab // 2 - 1 < self.pairs:
             raise ValueError(f"mqar: vocab={self.vocab} is too small for {self.pairs} pairs")
+        if self.min_pairs is not None and not 1 <= self.min_pairs <= self.pairs:
+            raise ValueError(f"mqar: min_pairs={self.min_pairs} must lie in [1, pairs={self.pairs}]")
 
     @property
     def corpus(self) -> str:
-        return f"mqar-v{self.vocab}-n{self.seq_len}-p{self.pairs}"
+        mixture = f"-train{self.min_pairs}to{self.pairs}" if self.min_pairs not in (None, self.pairs) else ""
+        return f"mqar-v{self.vocab}-n{self.seq_len}-p{self.pairs}{mixture}"
 
     def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (distinct) from the lower half of the vocabulary, values (distinct) from the upper half.
@@ -47,19 +52,23 @@ class MQAR:
         a model cannot answer by elimination ("a value not yet seen in the tail"), a shortcut that
         otherwise holds attention on a ~1/3-accuracy plateau.
         """
-        half, pairs, kv = self.vocab // 2, self.pairs, 2 * self.pairs
-        keys, values = _distinct(1, half, pairs, size, gen), _distinct(half, self.vocab, pairs, size, gen)
+        half = self.vocab // 2
+        keys, values = _distinct(1, half, self.pairs, size, gen), _distinct(half, self.vocab, self.pairs, size, gen)
         tokens = torch.randint(0, self.vocab, (size, self.seq_len), generator=gen)
         labels = torch.full((size, self.seq_len), IGNORE, dtype=torch.long)
-        tokens[:, 0:kv:2], tokens[:, 1:kv:2] = keys, values
-        for row in range(size):  # each key queried once, at distinct random tail positions, random order
+        counts = ([self.pairs] * size if self.min_pairs in (None, self.pairs) else
+                  torch.randint(self.min_pairs, self.pairs + 1, (size,), generator=gen).tolist())
+        for row, pairs in enumerate(counts):  # each key queried once, at distinct random tail positions
+            kv, keys_, values_ = 2 * pairs, keys[row, :pairs], values[row, :pairs]
+            tokens[row, 0:kv:2], tokens[row, 1:kv:2] = keys_, values_
             where = kv + torch.randperm(self.seq_len - kv, generator=gen)[:pairs]
-            tokens[row, where], labels[row, where] = keys[row], values[row]
+            tokens[row, where], labels[row, where] = keys_, values_
         return tokens, labels
 
     def eval_batches(self, size: int, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(10_000 + seed)
-        return [self.batch(size, gen) for _ in range(count)]
+        """Held-out batches, every sequence with `pairs` pairs."""
+        gen, fixed = torch.Generator().manual_seed(10_000 + seed), replace(self, min_pairs=None)
+        return [fixed.batch(size, gen) for _ in range(count)]
 
 
 def _distinct(low: int, high: int, count: int, rows: int, gen: torch.Generator) -> torch.Tensor:

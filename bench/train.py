@@ -3,8 +3,8 @@
 A training spec is a list of *studies*, each a small grid (variants × accumulation steps × layer
 sharing × GELU form × seeds) on one task::
 
-    [train]                      # defaults for every study
-    device = "auto"
+    [train]                      # run settings, and defaults for every study (lr, steps, variants,
+    device = "auto"              # model, task_params, params, …)
     lr = 3e-3
 
     [[study]]
@@ -17,7 +17,7 @@ sharing × GELU form × seeds) on one task::
 
     [study.model]                # ModelConfig fields: d_model, layers, heads, mlp_ratio
     layers = 4
-    [study.task_params]          # task fields: seq_len, pairs, vocab (mqar) / seq_len (bytes)
+    [study.task_params]          # task fields: seq_len, pairs, min_pairs, vocab (mqar) / seq_len (bytes)
     seq_len = 128
     [study.params.local]         # attention parameters, as in a kernel sweep
     window = 16
@@ -46,7 +46,7 @@ from .errors import BadInput
 from .measure import Call, failure_row, peak_memory, percentile
 from .spec import MeasureSettings, read_toml
 from .store import point_key
-from .tasks import TASKS
+from .tasks import IGNORE, TASKS
 
 MODEL_KEYS = {"d_model", "layers", "heads", "mlp_ratio"}
 
@@ -86,7 +86,10 @@ class TrainSpec:
 
 _STUDY_KEYS = {f.name for f in fields(Study)}
 _STUDY_LIST_KEYS = {"variants", "accum_steps", "sharing", "gelu"}
-_DEFAULT_KEYS = {"device", "seeds", "timeout_s", "lr", "warmup", "steps", "batch", "eval_batches", "untie_at"}
+# [train] holds run settings and defaults for every study; a study's own value (a whole table for
+# model, task_params, params) replaces the default.
+_DEFAULT_KEYS = {"device", "seeds", "timeout_s", "lr", "warmup", "steps", "batch", "eval_batches", "untie_at",
+                 "variants", "model", "task_params", "params"}
 
 
 def load(preset: str | None, config: Path | None) -> TrainSpec:
@@ -99,25 +102,29 @@ def load(preset: str | None, config: Path | None) -> TrainSpec:
     for key in defaults:
         if key not in _DEFAULT_KEYS:
             raise BadInput(f"{origin}: unknown key train.{key} (valid: {', '.join(sorted(_DEFAULT_KEYS))})")
-    study_defaults = {k: v for k, v in defaults.items() if k in {f.name for f in fields(Study)}}
     studies = []
     tables = data.get("study", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise BadInput(f"{origin}: write each study as a [[study]] table")
+    study_defaults = _study_values({k: v for k, v in defaults.items() if k in _STUDY_KEYS}, origin, "train")
     for table in tables:
         for key in table:
             if key not in _STUDY_KEYS:
                 raise BadInput(f"{origin}: unknown key study.{key} (valid: {', '.join(sorted(_STUDY_KEYS))})")
-        for key in _STUDY_LIST_KEYS & set(table):
-            if not isinstance(table[key], list):
-                raise BadInput(f"{origin}: study.{key} must be a list, got {table[key]!r}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
         try:
-            studies.append(Study(**{**study_defaults, **values}))
+            studies.append(Study(**{**study_defaults, **_study_values(table, origin, "study")}))
         except TypeError as exc:
             raise BadInput(f"{origin}: {exc}") from None
     return TrainSpec(studies=tuple(studies), slurm=dict(data.get("slurm", {})),
                      **{k: v for k, v in defaults.items() if k in {"device", "seeds", "timeout_s"}})
+
+
+def _study_values(table: dict[str, Any], origin: str, where: str) -> dict[str, Any]:
+    """A study's values from TOML: its lists as tuples, refusing a scalar where a list belongs."""
+    for key in _STUDY_LIST_KEYS & set(table):
+        if not isinstance(table[key], list):
+            raise BadInput(f"{origin}: {where}.{key} must be a list, got {table[key]!r}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
 
 
 def override(spec: TrainSpec, device: str | None = None, seeds: int | None = None,
@@ -142,6 +149,12 @@ def validate(spec: TrainSpec) -> TrainSpec:
         raise BadInput("the training spec has no [[study]]")
     if isinstance(spec.seeds, bool) or not isinstance(spec.seeds, int) or spec.seeds < 1:
         raise BadInput(f"seeds: {spec.seeds!r} must be a positive integer")
+    names = [s.name for s in spec.studies]
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise BadInput(f"study name {name!r} must be a non-empty string")
+        if names.count(name) > 1:  # rows and --study tell studies apart by name
+            raise BadInput(f"study name {name!r} is used by {names.count(name)} studies")
     for s in spec.studies:
         where = f"study {s.name!r}"
         if s.task not in TASKS:
@@ -165,8 +178,9 @@ def validate(spec: TrainSpec) -> TrainSpec:
             value = getattr(s, name)
             if isinstance(value, bool) or not (isinstance(value, int | float) and 0 <= value <= 1):
                 raise BadInput(f"{where}: {name}={value!r} must be a fraction of the steps in [0, 1]")
-        if not isinstance(s.model, dict) or not isinstance(s.task_params, dict):
-            raise BadInput(f"{where}: model and task_params must be tables")
+        for name in ("model", "task_params", "params"):
+            if not isinstance(getattr(s, name), dict):
+                raise BadInput(f"{where}: {name}={getattr(s, name)!r} must be a table")
         bad = set(s.model) - MODEL_KEYS
         if bad:
             raise BadInput(f"{where}: unknown model key {sorted(bad)[0]!r} (valid: {', '.join(sorted(MODEL_KEYS))})")
@@ -182,6 +196,8 @@ def validate(spec: TrainSpec) -> TrainSpec:
             raise BadInput(f"{where}: {exc}") from None
         if cfg.d_model % cfg.heads:
             raise BadInput(f"{where}: d_model={cfg.d_model} is not a multiple of heads={cfg.heads}")
+        if cfg.mlp_ratio == 0 and set(s.gelu) != {"exact"}:
+            raise BadInput(f"{where}: gelu={','.join(s.gelu)} changes nothing in attention-only blocks (mlp_ratio=0)")
         # variant names, params and device through the kernel sweep's own checks
         validate_sweep(SweepSpec(variants=s.variants, seq_lens=(task.seq_len,), device=spec.device,
                                  head_dims=(cfg.d_model // cfg.heads,), params=s.params))
@@ -260,11 +276,11 @@ def accumulate_gradients(model: TinyLM, micro_batches: list[tuple[torch.Tensor, 
                          loss_fn=None) -> float:
     """Backward over k micro-batches into ``.grad``, the loss normalised by the *whole step's* token
     count (so k micro-batches give the k = 1 gradient). Returns the step's loss per token."""
-    total_tokens = sum(int((labels != -100).sum()) for _, labels in micro_batches)
+    total_tokens = sum(int((labels != IGNORE).sum()) for _, labels in micro_batches)
     loss_fn = loss_fn or (lambda logits, labels: token_loss_sum(logits, labels)[0] / total_tokens)
     step_loss = 0.0
     for tokens, labels in micro_batches:
-        scored = labels != -100
+        scored = labels != IGNORE
         loss = loss_fn(model(tokens, scored), labels[scored])
         loss.backward()
         step_loss += loss.item()
@@ -297,7 +313,7 @@ def evaluate(model: TinyLM, batches: list[tuple[torch.Tensor, torch.Tensor]]) ->
     loss_sum, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for tokens, labels in batches:
-            scored = labels != -100
+            scored = labels != IGNORE
             logits = model(tokens, scored)
             loss, n = token_loss_sum(logits, labels[scored])
             correct += int((logits.argmax(-1) == labels[scored]).sum())

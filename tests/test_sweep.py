@@ -236,6 +236,10 @@ def test_git_commit_is_marked_dirty_only_when_the_harness_code_changed(tmp_path)
                           text=True).stdout.strip()
     (tmp_path / "results" / "r.txt").write_text("new\n")  # results are not the harness
     assert git_commit(tmp_path) == head
+    (tmp_path / "bench" / "b.py").write_text("y = 1\n")  # a new, untracked module
+    git_commit.cache_clear()
+    assert git_commit(tmp_path) == head + "+dirty"
+    (tmp_path / "bench" / "b.py").unlink()
     (tmp_path / "bench" / "a.py").write_text("x = 2\n")
     git_commit.cache_clear()
     assert git_commit(tmp_path) == head + "+dirty"

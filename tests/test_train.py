@@ -113,27 +113,43 @@ def test_gelu_errors_match_published_maxima(form, published):
     assert set(GELUS) == {"exact", "tanh", "sigmoid"}
 
 
+def _check_mqar_row(tokens: torch.Tensor, labels: torch.Tensor, pairs: int, vocab: int) -> int:
+    """Asserts one sequence's layout; returns 1 if some value directly follows its query."""
+    keys, values = tokens[0:2 * pairs:2], tokens[1:2 * pairs:2]
+    assert len(set(keys.tolist())) == pairs and len(set(values.tolist())) == pairs  # distinct keys and values
+    assert (keys >= 1).all() and (keys < vocab // 2).all() and (values >= vocab // 2).all()  # disjoint halves
+    scored = (labels != -100).nonzero().flatten()
+    assert len(scored) == pairs and (scored >= 2 * pairs).all()
+    answer = dict(zip(keys.tolist(), values.tolist(), strict=True))
+    queried = [tokens[pos].item() for pos in scored.tolist()]
+    assert sorted(queried) == sorted(answer)  # each key queried exactly once
+    assert [labels[pos].item() for pos in scored.tolist()] == [answer[key] for key in queried]
+    return int(any(pos + 1 < len(tokens) and tokens[pos + 1].item() == answer[key]
+                   for pos, key in zip(scored.tolist(), queried, strict=True)))
+
+
 def test_mqar_generator_invariants():
     task = MQAR(vocab=128, seq_len=48, pairs=6)
     tokens, labels = task.batch(16, torch.Generator().manual_seed(3))
     again, again_labels = task.batch(16, torch.Generator().manual_seed(3))
     assert torch.equal(tokens, again) and torch.equal(labels, again_labels)
-    shown = 0
-    for row in range(16):
-        keys, values = tokens[row, 0:12:2], tokens[row, 1:12:2]
-        assert len(set(keys.tolist())) == 6 and len(set(values.tolist())) == 6  # distinct keys and values
-        assert (keys >= 1).all() and (keys < 64).all() and (values >= 64).all()  # disjoint halves
-        scored = (labels[row] != -100).nonzero().flatten()
-        assert len(scored) == 6 and (scored >= 12).all()
-        answer = dict(zip(keys.tolist(), values.tolist(), strict=True))
-        queried = [tokens[row, pos].item() for pos in scored.tolist()]
-        assert sorted(queried) == sorted(answer)  # each key queried exactly once
-        for pos, key in zip(scored.tolist(), queried, strict=True):
-            assert labels[row, pos].item() == answer[key]
-            shown += int(pos + 1 < 48 and tokens[row, pos + 1].item() == answer[key])
+    shown = sum(_check_mqar_row(tokens[row], labels[row], 6, 128) for row in range(16))
     assert shown <= 2  # the value does not follow its query (no answer by elimination), beyond chance
     other, _ = task.batch(16, torch.Generator().manual_seed(4))
     assert not torch.equal(tokens, other)
+
+
+def test_mqar_mixture_trains_on_fewer_pairs_and_evaluates_on_all():
+    task = MQAR(vocab=128, seq_len=48, pairs=6, min_pairs=2)
+    tokens, labels = task.batch(64, torch.Generator().manual_seed(0))
+    counts = (labels != -100).sum(1)
+    assert counts.min() >= 2 and counts.max() <= 6 and len(counts.unique()) >= 4  # a mixture, in range
+    for row, pairs in enumerate(counts.tolist()):
+        _check_mqar_row(tokens[row], labels[row], pairs, 128)
+    for held_out, held_out_labels in task.eval_batches(16, 2, seed=0):
+        for row in range(16):
+            _check_mqar_row(held_out[row], held_out_labels[row], 6, 128)
+    assert task.corpus == "mqar-v128-n48-p6-train2to6" and MQAR(pairs=6, min_pairs=6).corpus.endswith("-p6")
 
 
 def test_mqar_rejects_layouts_that_cannot_hold_the_pairs():
@@ -141,6 +157,8 @@ def test_mqar_rejects_layouts_that_cannot_hold_the_pairs():
         MQAR(vocab=128, seq_len=20, pairs=7)
     with pytest.raises(ValueError, match="vocab=16"):
         MQAR(vocab=16, seq_len=64, pairs=8)
+    with pytest.raises(ValueError, match="min_pairs=9"):
+        MQAR(pairs=8, min_pairs=9)
 
 
 def test_bytes_corpus_is_real_python_with_held_out_files():
@@ -199,10 +217,53 @@ def test_bad_schedule_fraction_exits_2(tmp_path, line, named):
     assert not (tmp_path / "o").exists()
 
 
+def test_train_table_gives_study_defaults_that_a_study_replaces(tmp_path):
+    config = tmp_path / "t.toml"
+    config.write_text("""
+[train]
+variants = ["standard/sdpa-math", "local/blocked"]
+steps = 7
+[train.model]
+d_model = 32
+mlp_ratio = 0
+[[study]]
+name = "a"
+[[study]]
+name = "b"
+variants = ["linear-elu1/chunked"]
+model = { layers = 3 }
+""")
+    a, b = train.load(None, config).studies
+    assert (a.variants, a.steps, a.model) == (("standard/sdpa-math", "local/blocked"), 7, {"d_model": 32, "mlp_ratio": 0})
+    assert (b.variants, b.steps, b.model) == (("linear-elu1/chunked",), 7, {"layers": 3})  # whole table replaced
+    config.write_text('[train]\nvariants = "standard"\n[[study]]\nname = "a"\n')
+    with pytest.raises(train.BadInput, match="train.variants must be a list"):
+        train.load(None, config)
+
+
 def test_study_flag_keeps_the_named_studies():
     spec = train.override(train.load("quick", None), only=("gelu", "recall"), seeds=3)
     assert [s.name for s in spec.studies] == ["recall", "gelu"] and spec.seeds == 3
     assert train.override(train.load("quick", None)).studies == train.load("quick", None).studies
+
+
+STUDY_ERRORS = [
+    ('[[study]]\nname = "a"\n[[study]]\nname = "a"', "'a' is used by 2 studies"),
+    ('[[study]]\nname = 3', "study name 3"),
+    ('[train]\nparams = 3\n[[study]]\nname = "a"', "params=3 must be a table"),
+    ('[[study]]\nname = "a"\ngelu = ["tanh"]\nmodel = { mlp_ratio = 0 }', "gelu=tanh changes nothing"),
+]
+
+
+@pytest.mark.parametrize("text,named", STUDY_ERRORS, ids=[n for _, n in STUDY_ERRORS])
+def test_bad_study_tables_exit_2(tmp_path, text, named):
+    config = tmp_path / "t.toml"
+    config.write_text(text.replace("[[study]]", '[[study]]\ntask = "mqar"\nvariants = ["standard/sdpa-math"]'))
+    result = CliRunner().invoke(app, ["run", "train", "--config", str(config), "--device", "cpu",
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("value", ["-1", "true", "1.5"])

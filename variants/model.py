@@ -96,12 +96,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, entry: Entry) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.attn_norm = nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg, entry)
         self.mlp = MLP(cfg) if cfg.mlp_ratio else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm(x))
+        x = x + self.attn(self.attn_norm(x))
         return x if self.mlp is None else x + self.mlp(x)
 
 
@@ -146,7 +146,8 @@ class TinyLM(nn.Module):
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of token cross-entropies over labelled positions (label −100 = ignored), and their count."""
+    """Sum of token cross-entropies over labelled positions (label −100 = ignored), and their count;
+    logits (..., vocab) with labels of the leading shape."""
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.flatten(), ignore_index=-100,
                            reduction="sum")
     return loss, int((labels != -100).sum())
