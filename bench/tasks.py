@@ -59,10 +59,10 @@ class MQAR:
         counts = ([self.pairs] * size if self.min_pairs in (None, self.pairs) else
                   torch.randint(self.min_pairs, self.pairs + 1, (size,), generator=gen).tolist())
         for row, pairs in enumerate(counts):  # each key queried once, at distinct random tail positions
-            kv, keys_, values_ = 2 * pairs, keys[row, :pairs], values[row, :pairs]
-            tokens[row, 0:kv:2], tokens[row, 1:kv:2] = keys_, values_
+            kv, row_keys, row_values = 2 * pairs, keys[row, :pairs], values[row, :pairs]
+            tokens[row, 0:kv:2], tokens[row, 1:kv:2] = row_keys, row_values
             where = kv + torch.randperm(self.seq_len - kv, generator=gen)[:pairs]
-            tokens[row, where], labels[row, where] = keys_, values_
+            tokens[row, where], labels[row, where] = row_keys, row_values
         return tokens, labels
 
     def eval_batches(self, size: int, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
