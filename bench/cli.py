@@ -468,7 +468,7 @@ def compare_command(
     """What got faster/slower/leaner/heavier between two runs (ratios NEW/OLD, per point).
 
     Exit code 1 on a regression: a point slower or heavier beyond the threshold (and, for time,
-    outside the p20-p80 noise); 2 on bad input."""
+    outside the p20-p80 noise), or ok before and not now; 2 on bad input."""
     from . import compare
 
     compare.check_format(fmt)

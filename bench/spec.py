@@ -88,10 +88,14 @@ _LIST_KEYS = {"variants", "seq_lens", "batch_sizes", "head_dims", "dtypes", "mod
 _MEASURE_KEYS = {f.name for f in fields(MeasureSettings)}
 
 
+def _presets(folder: str):
+    """``bench/presets/<folder>`` (kernel sweeps at the top, ``train/``) as a package resource."""
+    root = resources.files("bench.presets")
+    return root.joinpath(folder) if folder else root
+
+
 def preset_names(folder: str = "") -> list[str]:
-    """Presets packaged in ``bench/presets/<folder>`` (kernel sweeps at the top, ``train/``)."""
-    root = resources.files("bench.presets").joinpath(folder) if folder else resources.files("bench.presets")
-    return sorted(p.name.removesuffix(".toml") for p in root.iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name.removesuffix(".toml") for p in _presets(folder).iterdir() if p.name.endswith(".toml"))
 
 
 def read_toml(preset: str | None, config: Path | None, folder: str = "") -> tuple[dict[str, Any], str] | None:
@@ -112,8 +116,7 @@ def read_toml(preset: str | None, config: Path | None, folder: str = "") -> tupl
         raise BadInput(f"unknown {folder + ' ' if folder else ''}preset {preset!r} "
                        f"(valid: {', '.join(preset_names(folder))})")
     else:
-        root = resources.files("bench.presets").joinpath(folder) if folder else resources.files("bench.presets")
-        text, origin = root.joinpath(f"{preset}.toml").read_text(), f"preset {preset}"
+        text, origin = _presets(folder).joinpath(f"{preset}.toml").read_text(), f"preset {preset}"
     return parse_toml(text, origin), origin
 
 
@@ -199,12 +202,9 @@ def _parses(text: str, convert: type) -> bool:
         return False
 
 
-_LIST_FIELDS = {"seq_lens", "batch_sizes", "head_dims"}
-
-
 def _positive_ints(name: str, values: Any) -> None:
-    if (name in _LIST_FIELDS) != isinstance(values, tuple):
-        shape = "a list of positive integers" if name in _LIST_FIELDS else "one positive integer"
+    if (name in _LIST_KEYS) != isinstance(values, tuple):
+        shape = "a list of positive integers" if name in _LIST_KEYS else "one positive integer"
         raise BadInput(f"{name} must be {shape}, got {values!r}")
     values = values if isinstance(values, tuple) else (values,)
     if not values:
@@ -259,7 +259,7 @@ def validate(spec: SweepSpec) -> SweepSpec:
     if not isinstance(spec.causal, tuple) or not spec.causal or any(not isinstance(c, bool) for c in spec.causal):
         raise BadInput(f"causal must be a list of true/false, got {spec.causal!r}")
     validate_device_and_dtype(spec.device)
-    if not _finite(spec.timeout_s) or spec.timeout_s <= 0:
+    if not finite_number(spec.timeout_s) or spec.timeout_s <= 0:
         raise BadInput(f"timeout_s: {spec.timeout_s!r} must be a positive number of seconds")
     if not isinstance(spec.keep_going, bool):
         raise BadInput(f"keep_going: {spec.keep_going!r} must be true or false")
@@ -302,14 +302,15 @@ def _validate_params(spec: SweepSpec) -> None:
                 raise BadInput(f"{selector} cannot take head_dim={head_dim}: {reason}")
 
 
-def _finite(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
+    """An int or float (not a bool), neither inf nor nan."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _validate_measure(m: MeasureSettings) -> None:
     for name in ("warmup_s", "target_s", "noisy_spread"):
         value = getattr(m, name)
-        if not _finite(value) or value < 0:
+        if not finite_number(value) or value < 0:
             raise BadInput(f"measure.{name}: {value!r} must be a non-negative number")
     for name in ("min_reps", "max_reps", "check_len"):
         value = getattr(m, name)
@@ -317,5 +318,5 @@ def _validate_measure(m: MeasureSettings) -> None:
             raise BadInput(f"measure.{name}: {value!r} must be a positive integer")
     if m.min_reps > m.max_reps:
         raise BadInput(f"measure.min_reps={m.min_reps} exceeds measure.max_reps={m.max_reps}")
-    if m.max_mem_gb is not None and (not _finite(m.max_mem_gb) or m.max_mem_gb <= 0):
+    if m.max_mem_gb is not None and (not finite_number(m.max_mem_gb) or m.max_mem_gb <= 0):
         raise BadInput(f"measure.max_mem_gb: {m.max_mem_gb!r} must be a positive number")

@@ -44,7 +44,7 @@ from variants.registry import Point
 
 from .errors import BadInput
 from .measure import Call, failure_row, peak_memory, percentile
-from .spec import MeasureSettings, read_toml
+from .spec import MeasureSettings, finite_number, read_toml
 from .store import point_key
 from .tasks import IGNORE, TASKS
 
@@ -88,8 +88,9 @@ _STUDY_KEYS = {f.name for f in fields(Study)}
 _STUDY_LIST_KEYS = {"variants", "accum_steps", "sharing", "gelu"}
 # [train] holds run settings and defaults for every study; a study's own value (a whole table for
 # model, task_params, params) replaces the default.
-_DEFAULT_KEYS = {"device", "seeds", "timeout_s", "lr", "warmup", "steps", "batch", "eval_batches", "untie_at",
-                 "variants", "model", "task_params", "params"}
+_RUN_KEYS = {"device", "seeds", "timeout_s"}
+_DEFAULT_KEYS = _RUN_KEYS | {"lr", "warmup", "steps", "batch", "eval_batches", "untie_at", "variants", "model",
+                             "task_params", "params"}
 
 
 def load(preset: str | None, config: Path | None) -> TrainSpec:
@@ -116,7 +117,7 @@ def load(preset: str | None, config: Path | None) -> TrainSpec:
         except TypeError as exc:
             raise BadInput(f"{origin}: {exc}") from None
     return TrainSpec(studies=tuple(studies), slurm=dict(data.get("slurm", {})),
-                     **{k: v for k, v in defaults.items() if k in {"device", "seeds", "timeout_s"}})
+                     **{k: v for k, v in defaults.items() if k in _RUN_KEYS})
 
 
 def _study_values(table: dict[str, Any], origin: str, where: str) -> dict[str, Any]:
@@ -172,11 +173,11 @@ def validate(spec: TrainSpec) -> TrainSpec:
         for k in s.accum_steps:
             if isinstance(k, bool) or not isinstance(k, int) or k < 1 or s.batch % k:
                 raise BadInput(f"{where}: accum_steps={k!r} must be a positive divisor of batch={s.batch}")
-        if not (isinstance(s.lr, int | float) and s.lr > 0):
+        if not (finite_number(s.lr) and s.lr > 0):
             raise BadInput(f"{where}: lr={s.lr!r} must be a positive number")
         for name in ("warmup", "untie_at"):
             value = getattr(s, name)
-            if isinstance(value, bool) or not (isinstance(value, int | float) and 0 <= value <= 1):
+            if not (finite_number(value) and 0 <= value <= 1):
                 raise BadInput(f"{where}: {name}={value!r} must be a fraction of the steps in [0, 1]")
         for name in ("model", "task_params", "params"):
             if not isinstance(getattr(s, name), dict):
@@ -198,9 +199,10 @@ def validate(spec: TrainSpec) -> TrainSpec:
             raise BadInput(f"{where}: d_model={cfg.d_model} is not a multiple of heads={cfg.heads}")
         if cfg.mlp_ratio == 0 and set(s.gelu) != {"exact"}:
             raise BadInput(f"{where}: gelu={','.join(s.gelu)} changes nothing in attention-only blocks (mlp_ratio=0)")
-        # variant names, params and device through the kernel sweep's own checks
+        # variant names, params, device and run settings through the kernel sweep's own checks
         validate_sweep(SweepSpec(variants=s.variants, seq_lens=(task.seq_len,), device=spec.device,
-                                 head_dims=(cfg.d_model // cfg.heads,), params=s.params))
+                                 head_dims=(cfg.d_model // cfg.heads,), params=s.params, timeout_s=spec.timeout_s,
+                                 keep_going=spec.keep_going))
     return spec
 
 
