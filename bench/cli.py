@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -85,7 +86,10 @@ def list_command(
             point = variants.Point(device=device, dtype=dtype, causal=causal, params=entry.resolve())
             reasons["causal" if causal else "non-causal"] = entry.unsupported(point)
         runnable = [k for k, r in reasons.items() if r is None]
-        reason = "; ".join(f"{k}: {r}" for k, r in reasons.items() if r) if not runnable else None
+        distinct = set(reasons.values())
+        # One reason for both maskings is said once (the xformers build mismatch, a missing package).
+        reason = None if runnable else distinct.pop() if len(distinct) == 1 else \
+            "; ".join(f"{k}: {r}" for k, r in reasons.items())
         listing.append({"variant": entry.variant, "impl": entry.impl, "family": entry.family,
                         "params": dict(entry.params), "available": bool(runnable), "masking": runnable,
                         "reason": reason, "summary": entry.summary})
@@ -125,14 +129,14 @@ def sweep_command(
     timeout_s: Annotated[float | None, typer.Option(help="Seconds one point may take before it is killed.")] = None,
     keep_going: Annotated[bool, typer.Option(help="Try larger points of a group after one ran out of memory.")] = False,
     max_mem_gb: Annotated[float | None, typer.Option(help="Memory the worker may take beyond start-up (CPU), GiB.")] = None,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Time the replay of a captured CUDA graph "
+                                             "(launch overhead left out) where capture works.")] = False,
     executor: ExecutorOpt = "local", shard_size: ShardSizeOpt = None, partition: PartitionOpt = None,
     account: AccountOpt = None, time_min: TimeMinOpt = None, gpus_per_node: GpusOpt = None, wait: WaitOpt = False,
     profile_top: Annotated[int, typer.Option(help="Afterwards, profile the K slowest points (local executor).")] = 0,
     profile_dir: Annotated[Path, typer.Option(help="Where --profile-top writes its profiles.")] = Path("profiles"),
 ) -> None:
     """Measure a grid of points (variant × shape × dtype × mode); rows land in OUT/RUN_ID/ as parquet."""
-    from dataclasses import replace
-
     from . import plan
     from . import spec as specs
     from .env import resolve_device
@@ -149,8 +153,11 @@ def sweep_command(
         timeout_s=timeout_s, keep_going=keep_going or None)
     if max_mem_gb is not None:
         spec = replace(spec, measure=replace(spec.measure, max_mem_gb=max_mem_gb))
+    if cuda_graph:
+        spec = replace(spec, measure=replace(spec.measure, cuda_graph=True))
     specs.validate(spec)
     device_name = resolve_device(spec.device)
+    _check_cuda_graph(spec.measure.cuda_graph, device_name)
     run_id = run_id or default_run_id(device_name)
     jobs = _job_options(executor, spec, shard_size, partition, account, time_min, gpus_per_node)
     if profile_top < 0 or (profile_top and jobs is not None):
@@ -346,6 +353,8 @@ def profile_command(
     param: Annotated[list[str] | None, typer.Option(help="A variant parameter, name=value (repeatable).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Profiled steps (after the warm-up).")] = 5,
     top: Annotated[int, typer.Option(min=1, help="Rows of the printed table (kernels.csv has all).")] = 10,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Time (and profile) the replay of a captured "
+                                             "CUDA graph where capture works.")] = False,
 ) -> None:
     """Profile one point into OUT/<variant>-<impl>-<shape>/: trace.json (Perfetto, chrome://tracing),
     kernels.csv (its top rows printed, its total checked against the timed median), summary.json and,
@@ -355,7 +364,7 @@ def profile_command(
     from . import plan
     from . import spec as specs
     from .env import resolve_device
-    from .profile import PointFailed, profile_point
+    from .profile import PROFILE_SETTINGS, PointFailed, profile_point
 
     selector = variant.strip()
     params = _parse_params(param or [])
@@ -365,6 +374,8 @@ def profile_command(
         params={selector.partition("/")[0]: params} if params else {}))
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"--out {str(out_dir)!r} is a file")
+    _check_cuda_graph(cuda_graph, resolve_device(spec.device))
+    settings = replace(PROFILE_SETTINGS, cuda_graph=cuda_graph)
     runnable, skipped = [], []
     for task in plan.expand(spec, resolve_device(spec.device)):
         reason = variants.get(task.variant, task.impl).unsupported(task.point)
@@ -379,7 +390,7 @@ def profile_command(
     for task, _ in runnable:
         err.print(f"profiling {task.label()}", highlight=False)
         try:
-            summary = profile_point(task, out_dir, steps=steps, top=top)
+            summary = profile_point(task, out_dir, steps=steps, top=top, settings=settings)
         except PointFailed as exc:
             err.print(f"[bold red]failed:[/] {exc}", highlight=False)
             failed = True
@@ -426,6 +437,68 @@ def _print_profile(summary: dict) -> None:
     files = ", ".join(f for f in summary["files"].values() if f)
     err.print(f"wrote {summary['directory']}: {files}", highlight=False)
     print(summary["directory"])
+
+
+# --- bench doctor --------------------------------------------------------------------------------
+
+@app.command("doctor")
+@bad_input_exits_2
+def doctor_command(
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Time CUDA graph replays, as a sweep "
+                                             "with --cuda-graph does.")] = False,
+) -> None:
+    """Check the harness's timer against an independent one (triton do_bench on CUDA, torch.utils.benchmark
+    on CPU) on a fixed set of points. Exit code 1 when a ratio falls outside the bounds (0.97-1.03 on CUDA,
+    0.9-1.1 on CPU) or the device is not usable here."""
+    import torch
+
+    from .doctor import run_doctor
+    from .env import resolve_device
+
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise BadInput(f"unknown device {device!r} (valid: auto, cpu, cuda)")
+    device = resolve_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        err.print(f"[bold red]device {device} is not usable:[/] no CUDA device is visible to torch "
+                  f"{torch.__version__}", highlight=False)
+        raise typer.Exit(1)
+    _check_cuda_graph(cuda_graph, device)
+    report = run_doctor(device, cuda_graph, progress=lambda probe: err.print(f"doctor: {probe.label}",
+                                                                              highlight=False))
+    if as_json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        _print_doctor(report)
+    if not report.healthy:
+        raise typer.Exit(1)
+
+
+def _print_doctor(report) -> None:
+    low, high = report.bounds
+    independent = "do_bench" if report.device.startswith("cuda") else "blocked_autorange"
+    table = Table(title=f"timer check on {report.device}: harness median / {independent} median (ms), "
+                        f"within {low:g}-{high:g}")
+    for column in ("entry", "mode", "causal", "harness", "independent", "ratio", "p80/p20", ""):
+        table.add_column(column, justify="left" if column in ("entry", "mode", "") else "right",
+                         no_wrap=column != "", overflow="fold")
+    for v in report.verdicts:
+        p = v.probe.point
+        if v.skipped:
+            table.add_row(escape(v.probe.entry), p.mode, str(p.causal), "", "", "", "",
+                          f"[yellow]skipped[/]: {escape(v.skipped)}")
+            continue
+        ok = "ok" if v.within(report.bounds) else "[bold red]OUT[/]"
+        table.add_row(escape(v.probe.entry), p.mode, str(p.causal), f"{v.harness_ms:.4g}",
+                      f"{v.independent_ms:.4g}", f"{v.ratio:.3f}", f"{v.spread:.2f}", ok)
+    out.print(table)
+    out.print("healthy" if report.healthy else "[bold red]the timer disagrees (or nothing could be measured)[/]")
+
+
+def _check_cuda_graph(cuda_graph: bool, device: str) -> None:
+    if cuda_graph and not device.startswith("cuda"):
+        raise BadInput(f"--cuda-graph needs a CUDA device (the device here is {device!r})")
 
 
 # --- bench report html / bench compare -----------------------------------------------------------

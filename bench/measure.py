@@ -8,8 +8,10 @@ Definitions (also in the README):
   repetition, outside the timed region, so gradient accumulation is never timed.
 * ``bwd``: backward alone, from a graph built once and kept (``torch.autograd.grad(...,
   retain_graph=True)``, which accumulates nothing).
-* time: CUDA events per repetition with the L2 cache flushed before each (outside the events) on
-  GPU; ``perf_counter`` on CPU. Median, p20, p80 of the repetitions are stored.
+* time: see :mod:`bench.timers` (queued CUDA events with the L2 flushed before each repetition and
+  one synchronisation per batch, or a CUDA graph's replay, on GPU; ``perf_counter`` on CPU). The
+  repetition count comes from the warm-up's estimate; median, p20, p80 are stored, with the timer's
+  name and the host time to enqueue one call.
 * memory: a separate run after warm-up. CUDA: peak allocated above what was allocated before the
   call. CPU: peak of live tensor bytes created during the call, counted per storage (deterministic).
 """
@@ -18,10 +20,8 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,10 +33,10 @@ from variants.registry import Entry, Point
 
 from .env import clock_and_throttle, peak_tflops
 from .spec import MeasureSettings
+from .timers import Call, cold_call_ms, percentile, repetitions, timed_form, warm_up
 
 # FLOPs of a mode relative to the forward (FlashAttention convention: backward = 2.5 × forward).
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
-L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MiB)
 SEED = 0
 
 
@@ -51,16 +51,6 @@ def make_inputs(point: Point, grad: bool) -> tuple[torch.Tensor, ...]:
     for t in (q, k, v):
         t.requires_grad_(grad)
     return q, k, v, grad_out
-
-
-@dataclass
-class Call:
-    """The timed callable of a mode and the untimed step to run before each repetition."""
-
-    run: Callable[[], Any]
-    before: Callable[[], None] = lambda: None
-    # Tensors alive before the call (inputs, kept graph output): a view of them is not new memory.
-    existing: tuple[torch.Tensor, ...] = ()
 
 
 def _fwd(fn: Callable[[], torch.Tensor], inputs: tuple, grad_out: torch.Tensor) -> Call:
@@ -118,74 +108,6 @@ def check(entry: Entry, point: Point, check_len: int) -> tuple[float, float, str
         return err_ref, err_softmax, (f"output differs from the float64 reference: relative error "
                                       f"{err_ref:.3g} > tolerance {tolerance:g} for {point.dtype}")
     return err_ref, err_softmax, None
-
-
-# --- timing --------------------------------------------------------------------------------------
-
-class CpuTimer:
-    def sync(self) -> None:
-        pass
-
-    def once(self, call: Call) -> float:
-        call.before()
-        start = time.perf_counter()
-        call.run()
-        return (time.perf_counter() - start) * 1e3
-
-
-class CudaTimer(CpuTimer):
-    """CUDA events around the call; L2 flushed before each repetition, outside the events."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
-
-    def sync(self) -> None:
-        torch.cuda.synchronize(self.device)
-
-    def once(self, call: Call) -> float:
-        call.before()
-        self.flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call.run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-
-
-def timer_for(device: str) -> CpuTimer:
-    return CudaTimer(device) if device.startswith("cuda") else CpuTimer()
-
-
-def cold_call_ms(timer: CpuTimer, call: Call) -> float:
-    """Wall time of the first call: compilation, autotuning, mask and cache construction."""
-    call.before()
-    timer.sync()
-    start = time.perf_counter()
-    call.run()
-    timer.sync()
-    return (time.perf_counter() - start) * 1e3
-
-
-def warm_up(timer: CpuTimer, call: Call, seconds: float) -> None:
-    deadline = time.perf_counter() + seconds
-    timer.once(call)
-    while time.perf_counter() < deadline:
-        timer.once(call)
-
-
-def repeat(timer: CpuTimer, call: Call, m: MeasureSettings) -> list[float]:
-    """Adaptive repetitions: until ``target_s`` of measured time or ``max_reps``, at least ``min_reps``."""
-    samples: list[float] = []
-    while len(samples) < m.max_reps and (len(samples) < m.min_reps or sum(samples) < m.target_s * 1e3):
-        samples.append(timer.once(call))
-    return samples
-
-
-def percentile(samples: list[float], q: float) -> float:
-    return statistics.quantiles(samples, n=100, method="inclusive")[int(q) - 1] if len(samples) > 1 \
-        else samples[0]
 
 
 # --- memory --------------------------------------------------------------------------------------
@@ -266,11 +188,14 @@ def measure(entry: Entry, point: Point, settings: MeasureSettings) -> dict[str, 
         if failure:
             return {**row, "status": "incorrect", "reason": failure}
         call, row["input_bytes"] = make_call(entry, point)
-        timer = timer_for(point.device)
-        row["setup_ms"] = cold_call_ms(timer, call)
-        warm_up(timer, call, settings.warmup_s)
+        form = timed_form(call, point.device, settings.cuda_graph)
+        row["timer"] = form.timer.name
+        row["setup_ms"] = cold_call_ms(form.timer, call)
+        estimate = warm_up(form.timer, form.call, settings.warmup_s)
         row["peak_mem_bytes"] = peak_memory(call, point.device)
-        samples = repeat(timer, call, settings)
+        samples = form.timer.batch(form.call, repetitions(estimate, settings.target_s, settings.min_reps,
+                                                          settings.max_reps))
+        row["host_ms"] = form.timer.host_ms(form.call)
         row["sm_clock_mhz"], row["throttle"] = clock_and_throttle(point.device)
         flops = entry.flops(point) * MODE_FLOP_FACTOR[point.mode]
         peak = peak_tflops(torch.cuda.get_device_name(point.device) if point.device.startswith("cuda")
@@ -282,7 +207,10 @@ def measure(entry: Entry, point: Point, settings: MeasureSettings) -> dict[str, 
             torch.cuda.empty_cache()
     median, p20, p80 = statistics.median(samples), percentile(samples, 20), percentile(samples, 80)
     tflops = flops / (median * 1e-3) / 1e12
-    return {**row, "status": "ok", "reason": None, "time_ms": median, "time_ms_p20": p20,
+    host = row["host_ms"]
+    # An ok row's reason is a note on how it was measured (a CUDA graph that could not be captured).
+    return {**row, "status": "ok", "reason": form.note, "time_ms": median, "time_ms_p20": p20,
             "time_ms_p80": p80, "reps": len(samples), "spread": p80 / p20 if p20 > 0 else None,
-            "noisy": bool(p20 > 0 and p80 / p20 > settings.noisy_spread), "flops": flops,
+            "noisy": bool(p20 > 0 and p80 / p20 > settings.noisy_spread),
+            "launch_bound": None if host is None else bool(host >= median), "flops": flops,
             "tflops": tflops, "pct_peak": 100 * tflops / peak if peak else None}

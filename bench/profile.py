@@ -6,7 +6,7 @@ What is measured, and how the table is checked against the harness (the "agreeme
 1. The point is first measured exactly as a sweep measures it (:func:`bench.measure.measure`:
    correctness gate, cold call, warm-up, memory run, adaptive repetitions), in this process. Its
    median is the reference figure.
-2. A fresh call on the same seeded inputs is warmed with :func:`bench.measure.warm_up`, then run
+2. A fresh call on the same seeded inputs is warmed with :func:`bench.timers.warm_up`, then run
    under ``torch.profiler``: W unrecorded steps covering :data:`PROFILER_WARMUP_S` (its schedule's
    warm-up), then ``steps`` recorded ones. Each step is ``timer.once(call)``, the harness's own
    timed repetition (on CUDA: L2 flush, events, call), with only the timed ``call.run()`` inside a
@@ -44,6 +44,7 @@ import json
 import math
 import pickle
 import statistics
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -57,11 +58,13 @@ from torch.profiler import ProfilerActivity, record_function, schedule
 import variants
 from variants.registry import Entry, Point
 
+from .compat import cuda_memory_history, linked_correlation_id, memory_trace_plot
 from .env import environment
 from .errors import BadInput
-from .measure import Call, CpuTimer, make_call, measure, timer_for, warm_up
+from .measure import make_call, measure
 from .plan import Task
 from .spec import MeasureSettings
+from .timers import Call, Timer, timer_for, warm_up
 
 STEP_LABEL = "attnbench::step"
 GLUE_ROW = f"{STEP_LABEL} (self: Python, dispatch and tensor frees between operators)"
@@ -138,13 +141,7 @@ def kernel_table(events: Sequence[FunctionEvent], device_time: bool) -> KernelTa
 
     cpu_steps = [(e, i) for e in events if e.device_type == DeviceType.CPU and (i := step_of(e)) is not None]
     if device_time:
-        # A device activity names its launching operator by correlation id; operators are the CPU
-        # events not linked to anything themselves (runtime calls such as cudaLaunchKernel are, and
-        # their ids are another counter), the same association torch.profiler makes.
-        launcher_step = {e.id: i for e, i in cpu_steps if e.linked_correlation_id == 0 and e.id > 0}
-        items = [(launcher_step[e.linked_correlation_id], e.name, e.time_range.elapsed_us())
-                 for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation
-                 and e.linked_correlation_id in launcher_step]
+        items = _device_items(events, cpu_steps)
         basis = "self device time of device activities launched inside the steps"
     else:
         items = [(i, GLUE_ROW if e.name == STEP_LABEL else e.name, e.self_cpu_time_total)
@@ -160,6 +157,36 @@ def kernel_table(events: Sequence[FunctionEvent], device_time: bool) -> KernelTa
     return KernelTable(rows, step_totals, basis)
 
 
+def _device_items(events: Sequence[FunctionEvent],
+                  cpu_steps: list[tuple[FunctionEvent, int]]) -> list[tuple[int, str, float]]:
+    """``(step, name, device us)`` of each device activity launched by a CPU event inside a step
+    (``cpu_steps``: those events with their step), user-annotation ranges left out.
+
+    The launcher is the CPU operator the activity is linked to by correlation, as torch.profiler
+    links them; what names it differs between torch versions:
+
+    * ``FunctionEvent.linked_correlation_id`` (in 2.13, not in 2.11), preferred where present: the
+      device events themselves, each flagged ``is_user_annotation`` or not. An activity links to
+      its operator's id, or to the id of an operator that torch merged into a same-named parent
+      (``aten::sum`` in ``aten::sum``) and dropped from the list; so the runtime calls inside the
+      steps (``cudaLaunchKernel``: linked to the same id, their own ids another counter) map their
+      links to their step too.
+    * Else each operator's ``kernels`` (name, duration), which every torch from 2.9 on builds from
+      that same link (lifted to the parent on a merge). Entries carry no annotation flag; the
+      device-side mirror of a ``record_function`` range is linked to the range and bears its name,
+      so entries named as a device user-annotation event are left out.
+    """
+    links = [linked_correlation_id(e) for e in events]
+    if None in links:
+        annotations = {e.name for e in events if e.device_type != DeviceType.CPU and e.is_user_annotation}
+        return [(i, k.name, k.duration) for e, i in cpu_steps for k in e.kernels if k.name not in annotations]
+    # an operator's own link is 0: activities link to its id
+    launcher_step = {key: i for e, i in cpu_steps if (key := linked_correlation_id(e) or e.id)}
+    return [(launcher_step[link], e.name, e.time_range.elapsed_us())
+            for e, link in zip(events, links, strict=True)
+            if e.device_type != DeviceType.CPU and not e.is_user_annotation and link in launcher_step]
+
+
 def write_kernels_csv(table: KernelTable, path: Path) -> None:
     steps = len(table.step_totals_us)
     total = table.total_us
@@ -173,19 +200,26 @@ def write_kernels_csv(table: KernelTable, path: Path) -> None:
 
 # --- CUDA memory ---------------------------------------------------------------------------------
 
-def record_memory_snapshot(call: Call, device: str) -> dict[str, Any]:
-    """The CUDA caching allocator's history over one untimed call (``torch.cuda.memory._snapshot``)."""
+def record_memory_snapshot(call: Call, device: str) -> dict[str, Any] | None:
+    """The CUDA caching allocator's history over one untimed call (``torch.cuda.memory._snapshot``);
+    ``None``, with a warning, where this torch lacks that private recorder: the profile goes on
+    without memory files rather than fail."""
+    history = cuda_memory_history()
+    if history is None:
+        warnings.warn("this PyTorch has no torch.cuda.memory._record_memory_history/_snapshot: "
+                      "profiling without a memory snapshot", RuntimeWarning, stacklevel=2)
+        return None
+    record, snapshot = history
     call.before()
     torch.cuda.synchronize(device)
     # Python frames only: symbolising C++ frames can take minutes on a large snapshot.
-    torch.cuda.memory._record_memory_history(stacks="python", max_entries=MEMORY_HISTORY_ENTRIES,
-                                             device=device, clear_history=True)
+    record(stacks="python", max_entries=MEMORY_HISTORY_ENTRIES, device=device, clear_history=True)
     try:
         call.run()
         torch.cuda.synchronize(device)
-        return torch.cuda.memory._snapshot(device)
+        return snapshot(device)
     finally:
-        torch.cuda.memory._record_memory_history(enabled=None, device=device)
+        record(enabled=None, device=device)
 
 
 def write_memory_files(snapshot: dict[str, Any], directory: Path) -> dict[str, str | None]:
@@ -194,9 +228,8 @@ def write_memory_files(snapshot: dict[str, Any], directory: Path) -> dict[str, s
     with (directory / FILES["memory_pickle"]).open("wb") as f:
         pickle.dump(snapshot, f)
     written: dict[str, str | None] = {"memory_pickle": FILES["memory_pickle"], "memory_html": None}
-    try:
-        from torch.cuda._memory_viz import trace_plot
-    except ImportError:  # a private module: a PyTorch without it still gets the pickle
+    trace_plot = memory_trace_plot()
+    if trace_plot is None:  # a private module: a PyTorch without it still gets the pickle
         return written
     (directory / FILES["memory_html"]).write_text(trace_plot(snapshot))
     written["memory_html"] = FILES["memory_html"]
@@ -205,7 +238,7 @@ def write_memory_files(snapshot: dict[str, Any], directory: Path) -> dict[str, s
 
 # --- profiling -----------------------------------------------------------------------------------
 
-def _profile_steps(timer: CpuTimer, call: Call, warmup: int, steps: int, cuda: bool,
+def _profile_steps(timer: Timer, call: Call, warmup: int, steps: int, cuda: bool,
                    trace: Path) -> tuple[list[FunctionEvent], list[float]]:
     """Run ``steps`` timed repetitions under the profiler, after ``warmup`` unrecorded ones, and
     export the trace; returns the recorded events and the timer's reading of each recorded step."""
@@ -267,8 +300,8 @@ def profile_point(target: Task | tuple[Entry, Point], out_dir: Path, *, steps: i
     warm_up(timer, call, settings.warmup_s)
     files: dict[str, str | None] = {"trace": FILES["trace"], "kernels": FILES["kernels"],
                                     "summary": FILES["summary"], "memory_pickle": None, "memory_html": None}
-    if cuda:
-        files.update(write_memory_files(record_memory_snapshot(call, point.device), directory))
+    if cuda and (snapshot := record_memory_snapshot(call, point.device)) is not None:
+        files.update(write_memory_files(snapshot, directory))
     warmup = min(MAX_PROFILER_WARMUP_STEPS, math.ceil(PROFILER_WARMUP_S * 1e3 / row["time_ms"]))
     events, step_ms = _profile_steps(timer, call, warmup, steps, cuda, directory / FILES["trace"])
     table = kernel_table(events, device_time=cuda)

@@ -58,6 +58,7 @@ class MeasureSettings:
     noisy_spread: float = 1.10
     check_len: int = 1024  # sequence length of the float64 correctness slice
     max_mem_gb: float | None = None  # address-space limit of the worker process (CPU)
+    cuda_graph: bool = False  # time a CUDA graph's replay (launch overhead left out) where capture works
 
 
 @dataclass(frozen=True)
@@ -318,5 +319,7 @@ def _validate_measure(m: MeasureSettings) -> None:
             raise BadInput(f"measure.{name}: {value!r} must be a positive integer")
     if m.min_reps > m.max_reps:
         raise BadInput(f"measure.min_reps={m.min_reps} exceeds measure.max_reps={m.max_reps}")
+    if not isinstance(m.cuda_graph, bool):
+        raise BadInput(f"measure.cuda_graph: {m.cuda_graph!r} must be true or false")
     if m.max_mem_gb is not None and (not finite_number(m.max_mem_gb) or m.max_mem_gb <= 0):
         raise BadInput(f"measure.max_mem_gb: {m.max_mem_gb!r} must be a positive number")

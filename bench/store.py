@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from .errors import BadInput
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Columns of a point's identity: two rows with the same key measured the same thing.
 KEY_COLUMNS = ("kind", "variant", "impl", "params", "mode", "causal", "batch", "heads", "seq_len",
@@ -43,6 +43,9 @@ COLUMNS: dict[str, pa.DataType] = {
     # timing (ms) — median, 20th and 80th percentiles over `reps` repetitions
     "time_ms": _F, "time_ms_p20": _F, "time_ms_p80": _F, "reps": _I, "spread": _F, "noisy": _B,
     "setup_ms": _F,
+    # how time_ms was taken (perf_counter, cuda-events, cuda-graph), the host time to enqueue one call
+    # and whether that is not below the device time (the GPU would wait on Python)
+    "timer": _S, "host_ms": _F, "launch_bound": _B,
     # memory (bytes)
     "peak_mem_bytes": _I, "input_bytes": _I,
     # work

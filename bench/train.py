@@ -43,10 +43,11 @@ from variants.model import GELUS, SHARING, ModelConfig, TinyLM, gelu_max_abs_err
 from variants.registry import Point
 
 from .errors import BadInput
-from .measure import Call, failure_row, peak_memory, percentile
+from .measure import failure_row, peak_memory
 from .spec import MeasureSettings, finite_number, read_toml
 from .store import point_key
 from .tasks import IGNORE, TASKS
+from .timers import Call, percentile
 
 MODEL_KEYS = {"d_model", "layers", "heads", "mlp_ratio"}
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import copy
 import csv
 import json
 import pickle
 import re
 import statistics
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
+from torch.profiler import ProfilerActivity, record_function
 from typer.testing import CliRunner
 
 import variants
@@ -23,12 +26,14 @@ from bench.measure import make_call
 from bench.profile import (
     GLUE_ROW,
     STEP_LABEL,
+    KernelTable,
     kernel_table,
     profile_point,
     record_memory_snapshot,
     write_memory_files,
 )
 from bench.spec import MeasureSettings
+from bench.timers import Call
 
 EAGER_512 = ["standard/eager", "--seq-len", "512", "--batch-size", "1", "--heads", "4", "--head-dim", "64",
              "--mode", "fwd", "--device", "cpu"]
@@ -224,14 +229,54 @@ def test_variant_alone_profiles_each_impl_that_can_run(tmp_path, single_thread):
 
 # --- the device (CUDA) table and memory files, without a GPU -------------------------------------
 
+# torch.profiler's events come in two shapes within the supported range: 2.13's carry
+# `linked_correlation_id`, 2.11's do not. Every version gives each operator the device activities
+# linked to it in `kernels`. The device table must come out the same from either shape.
+BOTH_SHAPES = pytest.mark.parametrize("linked", [True, False], ids=["with-linked-id", "without-linked-id"])
+
+Spec = tuple[FunctionEvent, int]  # an event and the correlation id it is linked to (0: none)
+
+
 def event(name: str, start: float, end: float, id: int, device: DeviceType = DeviceType.CPU,
-          linked: int = 0, annotation: bool = False) -> FunctionEvent:
+          linked: int = 0, annotation: bool = False) -> Spec:
+    # no linked_correlation_id= here: a FunctionEvent without the field takes no such argument
     return FunctionEvent(id=id, name=name, thread=1, start_us=start, end_us=end, device_type=device,
-                         linked_correlation_id=linked, is_user_annotation=annotation, use_device="cuda")
+                         is_user_annotation=annotation, use_device="cuda"), linked
 
 
-def test_device_table_counts_only_kernels_launched_inside_steps():
-    events = [
+def without_link(event: FunctionEvent) -> FunctionEvent:
+    """A copy of ``event`` as a torch without ``linked_correlation_id`` makes it."""
+    bare = copy.copy(event)
+    if hasattr(bare, "linked_correlation_id"):
+        del bare.linked_correlation_id
+    return bare
+
+
+def parsed(specs: list[Spec], linked: bool, merged: dict[int, int] | None = None) -> list[FunctionEvent]:
+    """The events as torch.profiler hands them over. As every version's parser does, each operator
+    (a CPU event linked to nothing) gets the device activities linked to it in ``kernels``; ``merged``
+    (an operator's id -> its parent's) names operators that torch merged into a same-named parent
+    and left out of ``specs``, their activities going to the parent. ``linked``: each event also
+    has ``linked_correlation_id``, else it has not."""
+    merged = merged or {}
+    operators = {e.id: e for e, link in specs if e.device_type == DeviceType.CPU and not link}
+    for e, link in specs:
+        if e.device_type != DeviceType.CPU:
+            operators[merged.get(link, link)].append_kernel(e.name, e.device_index, e.time_range.elapsed_us())
+    if not linked:
+        return [without_link(e) for e, _ in specs]
+    for e, link in specs:
+        e.linked_correlation_id = link
+    return [e for e, _ in specs]
+
+
+def rows(table: KernelTable) -> list[tuple[str, int, float]]:
+    return [(r.name, r.calls, r.self_us) for r in table.rows]
+
+
+@BOTH_SHAPES
+def test_device_table_counts_only_kernels_launched_inside_steps(linked):
+    events = parsed([
         event("aten::zero_", 0, 5, id=10),                      # the L2 flush, before the step range
         event(STEP_LABEL, 10, 50, id=20, annotation=True),
         event("aten::mm", 12, 20, id=21),
@@ -239,25 +284,138 @@ def test_device_table_counts_only_kernels_launched_inside_steps():
         event("flush_kernel", 5, 35, id=10, device=DeviceType.CUDA, linked=10),
         event("gemm_kernel", 35, 75, id=21, device=DeviceType.CUDA, linked=21),
         event(STEP_LABEL, 30, 75, id=20, device=DeviceType.CUDA, linked=20, annotation=True),
-    ]
+    ], linked)
     table = kernel_table(events, device_time=True)
-    assert [(r.name, r.calls, r.self_us) for r in table.rows] == [("gemm_kernel", 1, 40)]
+    assert rows(table) == [("gemm_kernel", 1, 40)]
     assert table.step_totals_us == [40]
 
 
+@BOTH_SHAPES
+def test_device_table_assigns_each_activity_to_its_launchers_step(linked):
+    """Two steps; activities launched by a merged operator, a memcpy, one launched by the step range
+    itself (a kernel launched from Python), a nested annotation; runtime and kernel ids that collide
+    with operator ids (CUPTI counts from 1 too)."""
+    events = parsed([
+        event(STEP_LABEL, 0, 100, id=1, annotation=True),
+        event("aten::sum", 10, 40, id=2),                       # its inner aten::sum (id 3) was merged in
+        event("cudaLaunchKernel", 20, 25, id=6, linked=3),
+        event("reduce_kernel", 30, 36, id=6, device=DeviceType.CUDA, linked=3),
+        event("aten::copy_", 50, 60, id=4),
+        event("cudaMemcpyAsync", 52, 58, id=7, linked=4),
+        event("Memcpy HtoD (Pageable -> Device)", 60, 64, id=7, device=DeviceType.CUDA, linked=4),
+        event("cuLaunchKernel", 70, 72, id=8, linked=1),
+        event("triton_kernel", 72, 74, id=8, device=DeviceType.CUDA, linked=1),
+        event(STEP_LABEL, 30, 74, id=1, device=DeviceType.CUDA, linked=1, annotation=True),
+        event("aten::zero_", 150, 160, id=9),                   # between the steps: never counted
+        event("cudaLaunchKernel", 151, 152, id=2, linked=9),
+        event("flush_kernel", 152, 200, id=2, device=DeviceType.CUDA, linked=9),
+        event(STEP_LABEL, 200, 300, id=5, annotation=True),
+        event("aten::sum", 210, 240, id=6),
+        event("cudaLaunchKernel", 220, 225, id=4, linked=6),
+        event("reduce_kernel", 250, 256, id=4, device=DeviceType.CUDA, linked=6),
+        event("inner", 260, 290, id=10, annotation=True),
+        event("aten::mul", 265, 280, id=11),
+        event("cudaLaunchKernel", 266, 270, id=5, linked=11),
+        event("mul_kernel", 270, 273, id=5, device=DeviceType.CUDA, linked=11),
+        event("inner", 270, 280, id=9, device=DeviceType.CUDA, linked=10, annotation=True),
+        event(STEP_LABEL, 250, 273, id=3, device=DeviceType.CUDA, linked=5, annotation=True),
+    ], linked, merged={3: 2})
+    table = kernel_table(events, device_time=True)
+    assert rows(table) == [("reduce_kernel", 2, 12), ("Memcpy HtoD (Pageable -> Device)", 1, 4),
+                           ("mul_kernel", 1, 3), ("triton_kernel", 1, 2)]
+    assert table.step_totals_us == [12, 9]
+    assert table.basis == "self device time of device activities launched inside the steps"
+
+
+def profile_cpu_steps(steps: int) -> list[FunctionEvent]:
+    """This torch's own events on CPU, steps recorded as bench.profile records them: a matrix
+    product before any step (as the L2 flush is), then in step j, j + 1 products and a softmax."""
+    a = torch.randn(32, 32)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.mm(a, a)
+        for j in range(steps):
+            with record_function(STEP_LABEL):
+                for _ in range(j + 1):
+                    torch.mm(a, a)
+                torch.softmax(a, dim=-1)
+    return list(prof.events())
+
+
+GEMM_US, SOFTMAX_US = 5.0, 3.0
+
+
+def launched_on_device(cpu_events: list[FunctionEvent]) -> list[Spec]:
+    """``cpu_events`` with what a CUDA run adds to them: for each aten::mm and aten::_softmax a
+    runtime call inside it and the kernel it launches, both linked to the operator, and each step
+    range's device-side mirror. Runtime and kernel ids count from 1, colliding with operator ids."""
+    launches = {"aten::mm": ("gemm", GEMM_US), "aten::_softmax": ("softmax_kernel", SOFTMAX_US)}
+    specs: list[Spec] = [(e, 0) for e in cpu_events]
+    for cupti_id, op in enumerate((e for e in cpu_events if e.name in launches or e.name == STEP_LABEL), 1):
+        if op.name == STEP_LABEL:
+            specs.append(event(STEP_LABEL, 0, op.time_range.elapsed_us(), cupti_id, DeviceType.CUDA,
+                               linked=op.id, annotation=True))
+            continue
+        name, us = launches[op.name]
+        start = op.time_range.start
+        specs.append(event("cudaLaunchKernel", start, start, cupti_id, linked=op.id))
+        specs.append(event(name, 0, us, cupti_id, DeviceType.CUDA, linked=op.id))
+    return specs
+
+
+@BOTH_SHAPES
+def test_device_table_from_this_torchs_real_events(linked, single_thread):
+    steps = 3
+    cpu_events = profile_cpu_steps(steps)
+    products = steps * (steps + 1) // 2
+    assert [e.name for e in cpu_events].count("aten::mm") == 1 + products
+    assert [e.name for e in cpu_events].count(STEP_LABEL) == steps
+
+    # as profiled: no device activity at all
+    idle = kernel_table(parsed([(e, 0) for e in cpu_events], linked), device_time=True)
+    assert (idle.rows, idle.step_totals_us) == ([], [0.0] * steps)
+    if not linked:  # the CPU table never reads the field
+        assert kernel_table([without_link(e) for e in cpu_events], device_time=False) == \
+            kernel_table(cpu_events, device_time=False)
+
+    table = kernel_table(parsed(launched_on_device(cpu_events), linked), device_time=True)
+    assert rows(table) == [("gemm", products, GEMM_US * products), ("softmax_kernel", steps, SOFTMAX_US * steps)]
+    assert table.step_totals_us == [GEMM_US * (j + 1) + SOFTMAX_US for j in range(steps)]
+
+
+SNAPSHOT = {"segments": [{"address": 4096, "total_size": 2 << 20, "stream": 0, "segment_type": "large",
+                          "allocated_size": 1 << 20, "active_size": 1 << 20, "blocks": []}],
+            "device_traces": [[{"action": "alloc", "addr": 4096, "size": 1 << 20, "stream": 0,
+                                "time_us": 1, "frames": []}]]}
+
+
 def test_memory_files_from_a_synthetic_snapshot(tmp_path):
-    snapshot = {"segments": [{"address": 4096, "total_size": 2 << 20, "stream": 0, "segment_type": "large",
-                              "allocated_size": 1 << 20, "active_size": 1 << 20, "blocks": []}],
-                "device_traces": [[{"action": "alloc", "addr": 4096, "size": 1 << 20, "stream": 0,
-                                    "time_us": 1, "frames": []}]]}
-    files = write_memory_files(snapshot, tmp_path)
-    assert pickle.loads((tmp_path / files["memory_pickle"]).read_bytes()) == snapshot
+    files = write_memory_files(SNAPSHOT, tmp_path)
+    assert pickle.loads((tmp_path / files["memory_pickle"]).read_bytes()) == SNAPSHOT
     if files["memory_html"] is None:
         pytest.skip("this PyTorch has no torch.cuda._memory_viz.trace_plot")
     html = (tmp_path / files["memory_html"]).read_text()
     # PyTorch's page embeds the snapshot as base64 of its pickle, padded with zero bytes
     embedded = re.search(r'"base64": "([A-Za-z0-9+/=]+)"', html).group(1)
-    assert pickle.loads(base64.b64decode(embedded)) == snapshot
+    assert pickle.loads(base64.b64decode(embedded)) == SNAPSHOT
+
+
+def test_memory_files_without_the_private_renderer_keep_the_pickle(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.cuda._memory_viz", None)  # importing it now fails
+    assert write_memory_files(SNAPSHOT, tmp_path) == {"memory_pickle": "memory.pickle", "memory_html": None}
+    assert pickle.loads((tmp_path / "memory.pickle").read_bytes()) == SNAPSHOT
+    assert not (tmp_path / "memory.html").exists()
+
+
+@pytest.mark.parametrize("private", ["_record_memory_history", "_snapshot"])
+def test_memory_snapshot_is_skipped_without_the_private_recorder(monkeypatch, private):
+    """No GPU needed: without the recorder nothing CUDA is touched and the call is not run."""
+    monkeypatch.delattr(torch.cuda.memory, private)
+
+    def never() -> None:
+        raise AssertionError("the call ran though there is no snapshot to take")
+
+    with pytest.warns(RuntimeWarning, match="without a memory snapshot"):
+        assert record_memory_snapshot(Call(never, never), "cuda") is None
 
 
 @needs_cuda

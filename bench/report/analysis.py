@@ -99,15 +99,17 @@ class Panels:
 
 def aggregate(ok: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     """One row per (panel, series, seq_len): medians over repeated rows (several runs given), a
-    point is noisy when any of its rows is. Everything plotted is drawn from this, never from rows."""
-    frame = ok.assign(noisy=ok["noisy"].eq(True), pct_peak=pd.to_numeric(ok["pct_peak"]))
+    point is noisy (or launch-bound) when any of its rows is. Everything plotted is drawn from this,
+    never from rows."""
+    frame = ok.assign(noisy=ok["noisy"].eq(True), launch_bound=ok["launch_bound"].eq(True),
+                      pct_peak=pd.to_numeric(ok["pct_peak"]))
     grouped = frame.groupby([*columns, "series", "family", "seq_len"], dropna=False, sort=True)
     # Split columns that are not panel keys take one value per point (that is why they are not keys).
     single = {c: (c, "first") for c in SPLIT_COLUMNS if c not in columns}
     agg = grouped.agg(time_ms=("time_ms", "median"), time_ms_p20=("time_ms_p20", "median"),
                       time_ms_p80=("time_ms_p80", "median"), peak_mem_bytes=("peak_mem_bytes", "median"),
                       tflops=("tflops", "median"), pct_peak=("pct_peak", "median"),
-                      noisy=("noisy", "any"), rows=("time_ms", "size"), devices=("device_name", "nunique"),
+                      noisy=("noisy", "any"), launch_bound=("launch_bound", "any"), rows=("time_ms", "size"), devices=("device_name", "nunique"),
                       **single)
     return agg.reset_index()
 
@@ -149,15 +151,17 @@ def baseline_mask(frame: pd.DataFrame, baseline: str | None) -> pd.Series:
 def best_per_point(agg: pd.DataFrame, mask: pd.Series, prefix: str) -> pd.DataFrame:
     """At each (panel, seq_len): the fastest series of ``agg[mask]`` and the leanest one, with values.
 
-    Columns ``{prefix}_time``, ``{prefix}_time_series``, ``{prefix}_noisy``, ``{prefix}_mem``,
-    ``{prefix}_mem_series``."""
+    Columns ``{prefix}_time``, ``{prefix}_time_series``, ``{prefix}_noisy``, ``{prefix}_launch_bound``,
+    ``{prefix}_mem``, ``{prefix}_mem_series``."""
     subset = agg[mask]
     index = ["panel", "seq_len"]
     if subset.empty:
-        columns = [f"{prefix}_{c}" for c in ("time", "time_series", "noisy", "mem", "mem_series")]
+        columns = [f"{prefix}_{c}" for c in ("time", "time_series", "noisy", "launch_bound", "mem", "mem_series")]
         return pd.DataFrame(columns=index + columns)
-    fastest = subset.loc[subset.groupby(index)["time_ms"].idxmin(), [*index, "time_ms", "series", "noisy"]]
-    fastest.columns = [*index, f"{prefix}_time", f"{prefix}_time_series", f"{prefix}_noisy"]
+    fastest = subset.loc[subset.groupby(index)["time_ms"].idxmin(),
+                         [*index, "time_ms", "series", "noisy", "launch_bound"]]
+    fastest.columns = [*index, f"{prefix}_time", f"{prefix}_time_series", f"{prefix}_noisy",
+                       f"{prefix}_launch_bound"]
     with_mem = subset.dropna(subset=["peak_mem_bytes"])
     leanest = with_mem.loc[with_mem.groupby(index)["peak_mem_bytes"].idxmin(), [*index, "peak_mem_bytes", "series"]]
     leanest.columns = [*index, f"{prefix}_mem", f"{prefix}_mem_series"]
@@ -167,13 +171,14 @@ def best_per_point(agg: pd.DataFrame, mask: pd.Series, prefix: str) -> pd.DataFr
 def ratios(agg: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     """Every non-baseline series at every point that has a baseline: ``speedup`` = fastest baseline
     time / time (> 1 is faster) and ``mem_ratio`` = memory / leanest baseline memory (< 1 is leaner);
-    ``noisy`` when either side is."""
+    ``noisy`` and ``launch_bound`` when either side is."""
     mask = baseline_mask(agg, baseline)
     best = best_per_point(agg, mask, "base")
     frame = agg[~mask].merge(best, on=["panel", "seq_len"], how="inner")
     return frame.assign(speedup=frame["base_time"] / frame["time_ms"],
                         mem_ratio=frame["peak_mem_bytes"] / frame["base_mem"],
-                        noisy=frame["noisy"] | frame["base_noisy"].eq(True))
+                        noisy=frame["noisy"] | frame["base_noisy"].eq(True),
+                        launch_bound=frame["launch_bound"] | frame["base_launch_bound"].eq(True))
 
 
 def best_point(ratio: pd.DataFrame, column: str, better: str, timed: bool) -> pd.Series | None:
@@ -410,6 +415,10 @@ def summary(kernel: pd.DataFrame, agg: pd.DataFrame, panels: Panels, ratio: pd.D
     noisy = int(agg["noisy"].sum()) if len(agg) else 0
     sentences.append(f"{len(kernel):,} kernel rows: {len(kernel) - bad:,} ok, {bad:,} with problems "
                      f"(listed under Problems); {noisy:,} aggregated points are noisy and drawn hollow.")
+    launch_bound = int(agg["launch_bound"].sum()) if len(agg) else 0
+    if launch_bound:
+        sentences.append(f"{launch_bound:,} points are launch-bound (Python took at least as long to enqueue the "
+                         "call as the device took to run it) and are drawn crossed.")
     if panels.omitted:
         sentences.append(f"{len(panels.omitted)} further panels are not drawn (only the {MAX_PANELS} "
                          "with the most points are; the others are named under Time and memory).")

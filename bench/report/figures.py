@@ -199,7 +199,8 @@ def _series_lines(ax, data: pd.DataFrame, column: str, style_of: dict[str, Style
                   scale: float = 1.0, spread: tuple[str, str] | None = None,
                   x: str = "seq_len") -> dict[str, Line2D]:
     """One line per series (median) against column ``x``, optional p20–p80 bars; for a ``timed``
-    quantity, hollow markers on noisy points (memory is measured once, deterministically)."""
+    quantity, hollow markers on noisy points (memory is measured once, deterministically) and a cross
+    on launch-bound ones."""
     data = data.dropna(subset=[column]).sort_values(["series", x])
     handles = {}
     for series, group in data.groupby("series", sort=False):
@@ -211,6 +212,10 @@ def _series_lines(ax, data: pd.DataFrame, column: str, style_of: dict[str, Style
         if noisy.any():  # redrawn hollow on top, so they stand out without a legend entry
             ax.plot(x_values[noisy], y[noisy], linestyle="none", marker=style.marker, markersize=6,
                     markerfacecolor="white", markeredgecolor=style.color, zorder=4)
+        launch_bound = group["launch_bound"].to_numpy(dtype=bool) & timed
+        if launch_bound.any():
+            ax.plot(x_values[launch_bound], y[launch_bound], linestyle="none", marker="x", markersize=7,
+                    color="#222222", markeredgewidth=1.1, zorder=5)
         handles[series] = line
     if spread:  # one collection for every series' bars: one artist instead of one per series
         colours = [style_of[s].color for s in data["series"]]
@@ -273,8 +278,9 @@ def ratio_figure(data: pd.DataFrame, order: Sequence[str]) -> str:
     canvas = Canvas(label_width + 2 * (map_width + COLORBAR), height)
     maps = (("speedup", "speed-up (baseline time ÷ time)", "RdBu", True),
             ("mem_ratio", "memory ratio (peak ÷ baseline peak)", "RdBu_r", False))
-    noisy = data.pivot_table(index="series", columns="seq_len", values="noisy", aggfunc="any")
-    noisy = noisy.reindex(index=rows, columns=lengths).fillna(False).to_numpy(dtype=bool)
+    flag = lambda column: (data.pivot_table(index="series", columns="seq_len", values=column, aggfunc="any")  # noqa: E731
+                           .reindex(index=rows, columns=lengths).fillna(False).to_numpy(dtype=bool))
+    noisy, launch_bound = flag("noisy"), flag("launch_bound")
     for i, (column, title, cmap, timed) in enumerate(maps):
         left = label_width + i * (map_width + COLORBAR)
         ax = canvas.axes(left, BOTTOM, map_width, height - BOTTOM - TOP)
@@ -293,7 +299,7 @@ def ratio_figure(data: pd.DataFrame, order: Sequence[str]) -> str:
         ax.set_xlabel("sequence length n (tokens)")
         ax.set_title(title, loc="left")
         if len(lengths) <= ANNOTATE_COLUMNS:
-            _annotate(ax, values, noisy & timed, norm)
+            _annotate(ax, values, noisy & timed, launch_bound & timed, norm)
         bar = canvas.fig.colorbar(image, cax=canvas.axes(left + map_width + 0.12, BOTTOM, 0.14,
                                                          height - BOTTOM - TOP))
         # 1-2-5 ticks where the bar has room for them, decades only where it has not.
@@ -305,12 +311,14 @@ def ratio_figure(data: pd.DataFrame, order: Sequence[str]) -> str:
     return _svg(canvas.fig)
 
 
-def _annotate(ax, values: np.ndarray, noisy: np.ndarray, norm: mcolors.LogNorm) -> None:
+def _annotate(ax, values: np.ndarray, noisy: np.ndarray, launch_bound: np.ndarray,
+              norm: mcolors.LogNorm) -> None:
     for (i, j), value in np.ndenumerate(values):
         if not np.isfinite(value):
             continue
         strong = abs(norm(value) - 0.5) > 0.3  # white text on the dark ends of the colour map
-        ax.text(j + 0.5, i + 0.5, ("~" if noisy[i, j] else "") + times(value), ha="center", va="center",
+        marks = ("~" if noisy[i, j] else "") + ("*" if launch_bound[i, j] else "")
+        ax.text(j + 0.5, i + 0.5, marks + times(value), ha="center", va="center",
                 fontsize=7, color="white" if strong else "#222222", in_layout=False)
 
 

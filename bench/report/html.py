@@ -200,8 +200,9 @@ TEMPLATES = {
     "scaling_plots": """{% from "macros" import panels %}
 <p class="note">Median time per call (bars: p20–p80 of the repetitions) and peak memory against sequence
 length, log–log. Dashed lines are the baseline family{% if chosen %} and the chosen baseline,
-{{ chosen }}{% endif %}; hollow markers are noisy points (p80/p20 above the sweep's threshold). Only rows
-with status ok are drawn.</p>
+{{ chosen }}{% endif %}; hollow markers are noisy points (p80/p20 above the sweep's threshold), crossed
+ones launch-bound (the host took at least as long to enqueue the call as the device took to run it, so
+in a training loop the GPU would wait on Python). Only rows with status ok are drawn.</p>
 {% if omitted %}<details class="note"><summary>Only the {{ shown }} panels with the most points are
 drawn, in every section; {{ omitted | length }} more are not.</summary>
 <ul>{% for title in omitted %}<li>{{ title }}</li>{% endfor %}</ul></details>{% endif %}
@@ -213,7 +214,7 @@ and the memory baseline the leanest at that point. Blue is better than the basel
 equal (log colour scale centred at 1); grey cells have no baseline measured. Rows whose correctness
 check failed never appear here (see Problems).</p>
 {% call panels(items) %}Values are written in the cells up to {{ annotate }} lengths; ~ marks a speed-up where the
-series or its baseline is noisy.{% endcall %}""",
+series or its baseline is noisy, * one where either is launch-bound.{% endcall %}""",
     "exponents": """{% from "macros" import series %}
 <p class="note">p is the least-squares slope of log time (or log peak memory) against log n over the fit
 range: time ∝ n<sup>p</sup>. R² says how well one power law fits. Crossover: the length from which the

@@ -1,0 +1,169 @@
+"""``bench doctor``: does the harness's timer agree with an independent one on this device?
+
+A fixed set of points is measured twice: through the harness (:func:`bench.measure.measure`, the
+path every sweep row takes) and through a timer the harness does not share code with — Triton's
+``do_bench`` on CUDA (its own queued events, L2 flush and gradient reset), PyTorch's
+``torch.utils.benchmark.Timer.blocked_autorange`` on CPU. Both time the same form of the same call
+(its CUDA graph's replay with ``--cuda-graph``) on the same seeded inputs. A ratio outside
+:data:`BOUNDS` means a figure of this machine cannot be trusted to that precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+import variants
+from variants.registry import Point
+
+from .measure import make_call, measure
+from .spec import MeasureSettings
+from .timers import Call, timed_form
+
+# Harness median / independent median allowed per device type.
+BOUNDS = {"cuda": (0.97, 1.03), "cpu": (0.9, 1.1)}
+# A point outside the bounds is measured once more (both timers): one preemption on a shared machine
+# should not fail the check, while a systematic disagreement shows in both attempts.
+ATTEMPTS = 2
+SETTINGS = MeasureSettings(warmup_s=0.2, target_s=0.5, min_reps=10, max_reps=1000)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One doctor point: an entry at a shape."""
+
+    entry: str
+    point: Point
+
+    @property
+    def label(self) -> str:
+        p = self.point
+        return f"{self.entry} {p.mode}{' causal' if p.causal else ''} n={p.seq_len}"
+
+
+def _probes(entries: tuple[str, ...], modes: tuple[str, ...], shape: dict, device: str) -> list[Probe]:
+    return [Probe(name, Point(**shape, device=device, mode=mode, causal=causal,
+                              params=variants.get(name).resolve()))
+            for name in entries for mode in modes for causal in (False, True)]
+
+
+# CUDA: FlashAttention-sized bf16 points, one per kernel family the report compares.
+CUDA_ENTRIES = ("standard/sdpa-flash", "standard/sdpa-cudnn", "standard/xformers", "local/flex",
+                "local/blocked", "linear-elu1/linear")
+CUDA_SHAPE = {"batch": 4, "heads": 16, "seq_len": 4096, "head_dim": 128, "dtype": "bfloat16"}
+# CPU: float32 points that take 5–50 ms on a 2-core machine (entry, mode, causal, seq_len).
+CPU_POINTS = (("standard/sdpa-flash", "fwd", False, 2048), ("standard/eager", "fwd", False, 1024),
+              ("standard/sdpa-math", "fwd_bwd", True, 512), ("local/blocked", "fwd", False, 8192),
+              ("linear-elu1/linear", "fwd", False, 16384), ("linear-elu1/chunked", "fwd_bwd", True, 2048),
+              ("performer/linear", "fwd", False, 4096))
+CPU_SHAPE = {"batch": 1, "heads": 4, "head_dim": 64, "dtype": "float32"}
+
+
+def probes(device: str) -> list[Probe]:
+    """The fixed set of points for ``device`` (``cpu`` or a CUDA device)."""
+    if device.startswith("cuda"):
+        return _probes(CUDA_ENTRIES, ("fwd", "fwd_bwd"), CUDA_SHAPE, device)
+    return [Probe(name, Point(**CPU_SHAPE, seq_len=n, device=device, mode=mode, causal=causal,
+                              params=variants.get(name).resolve()))
+            for name, mode, causal, n in CPU_POINTS]
+
+
+def do_bench_ms(call: Call) -> float:
+    """Median of Triton's ``do_bench`` (it resets the inputs' gradients outside its events)."""
+    from triton.testing import do_bench
+
+    grads = [t for t in call.existing if t.requires_grad] or None
+    return float(do_bench(call.run, grad_to_none=grads, return_mode="median"))
+
+
+def blocked_autorange_ms(call: Call) -> float:
+    """Median of ``torch.utils.benchmark``'s blocked autorange, on as many threads as the harness."""
+    from torch.utils.benchmark import Timer
+
+    def step() -> None:
+        call.before()
+        call.run()
+
+    timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=1.0).median * 1e3
+
+
+def independent_timer(device: str) -> Callable[[Call], float]:
+    return do_bench_ms if device.startswith("cuda") else blocked_autorange_ms
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One probe's outcome: both medians and their ratio, or why it was not measured."""
+
+    probe: Probe
+    harness_ms: float | None = None
+    independent_ms: float | None = None
+    spread: float | None = None
+    timer: str | None = None
+    attempts: int = 0
+    skipped: str | None = None  # the entry's reason when it cannot run here, or the failure
+
+    @property
+    def ratio(self) -> float | None:
+        return self.harness_ms / self.independent_ms if self.harness_ms and self.independent_ms else None
+
+    def within(self, bounds: tuple[float, float]) -> bool:
+        return self.ratio is not None and bounds[0] <= self.ratio <= bounds[1]
+
+    def to_json(self) -> dict:
+        p = self.probe.point
+        return {"entry": self.probe.entry, "mode": p.mode, "causal": p.causal, "seq_len": p.seq_len,
+                "harness_ms": self.harness_ms, "independent_ms": self.independent_ms, "ratio": self.ratio,
+                "spread": self.spread, "timer": self.timer, "attempts": self.attempts, "skipped": self.skipped}
+
+
+def check_probe(probe: Probe, settings: MeasureSettings, independent: Callable[[Call], float],
+                bounds: tuple[float, float]) -> Verdict:
+    entry = variants.get(probe.entry)
+    reason = entry.unsupported(probe.point)
+    if reason:
+        return Verdict(probe, skipped=reason)
+    verdict = Verdict(probe)
+    for attempt in range(1, ATTEMPTS + 1):
+        row = measure(entry, probe.point, settings)
+        if row["status"] != "ok":
+            return Verdict(probe, attempts=attempt, skipped=f"{row['status']}: {row['reason']}")
+        call, _ = make_call(entry, probe.point)
+        form = timed_form(call, probe.point.device, settings.cuda_graph)
+        verdict = Verdict(probe, row["time_ms"], independent(form.call), row["spread"], row["timer"], attempt)
+        if verdict.within(bounds):
+            break
+    return verdict
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    device: str
+    bounds: tuple[float, float]
+    verdicts: list[Verdict]
+
+    @property
+    def healthy(self) -> bool:
+        """Every measured point within bounds, and at least one measured."""
+        measured = [v for v in self.verdicts if v.skipped is None]
+        return bool(measured) and all(v.within(self.bounds) for v in measured)
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "bounds": list(self.bounds), "healthy": self.healthy,
+                "points": [v.to_json() for v in self.verdicts]}
+
+
+def run_doctor(device: str, cuda_graph: bool = False,
+               progress: Callable[[Probe], None] = lambda probe: None) -> DoctorReport:
+    """Every probe of ``device`` through the harness and the independent timer."""
+    settings = replace(SETTINGS, cuda_graph=cuda_graph)
+    bounds = BOUNDS["cuda" if device.startswith("cuda") else "cpu"]
+    independent = independent_timer(device)
+    verdicts = []
+    for probe in probes(device):
+        progress(probe)
+        verdicts.append(check_probe(probe, settings, independent, bounds))
+    return DoctorReport(device, bounds, verdicts)
