@@ -208,10 +208,15 @@ def test_panels_are_capped_and_split_only_where_a_column_varies_at_one_length() 
 def test_reference_curves_match_only_their_device_and_configuration() -> None:
     assert {r.impl for r in reference.matching({H100}, "fwd", False, 64, "bfloat16")} == {"FA2", "cuDNN", "FA3"}
     assert {r.impl for r in reference.matching({H100}, "fwd_bwd", False, 128, "float16")} == {"FA2", "PyTorch"}
-    for device in ("NVIDIA H200", "NVIDIA A100-SXM4-80GB", "Intel(R) Xeon(R) Processor"):
+    for device in ("NVIDIA A100-SXM4-80GB", "Intel(R) Xeon(R) Processor"):
         assert reference.matching({device}, "fwd", False, 64, "bfloat16") == []
     assert reference.matching({H100}, "fwd", False, 64, "float32") == []
     assert reference.matching({H100, "NVIDIA A100"}, "fwd", False, 64, "bfloat16") == []
+    # H100 figures apply to an H200 (same SMs and clocks) and say where they were measured.
+    on_h200 = reference.matching({"NVIDIA H200"}, "fwd", True, 128, "bfloat16")
+    assert {r.impl for r in on_h200} == {"FA2", "cuDNN", "FA3"}
+    assert all("H100 SXM, published" in r.label for r in on_h200)
+    assert reference.matching({"NVIDIA A100-SXM4-80GB"}, "fwd", True, 128, "bfloat16") == []
     assert all(len(r.seq_lens) == len(r.tflops) for r in reference.REFERENCES)
 
 

@@ -1,9 +1,11 @@
 """Published figures the report compares against (from shared/REFERENCE.md): throughput curves
 drawn as reference lines, and the GELU approximations' errors shown beside the measured ones.
 
-Each curve is drawn only in a panel it was measured for — same device model (matched in the run's
-device_name, as bench.env matches peaks), mode, causal, head dim and a 16-bit dtype — and its legend
-entry names the source. All figures use the FlashAttention benchmark convention: batch = 16384 / n,
+Each curve is drawn only in a panel it applies to — a device model it holds for (matched in the run's
+device_name, as bench.env matches peaks), the same mode, causal, head dim and a 16-bit dtype — and its
+legend entry names the device it was measured on and the source. H100 figures hold for the H200 too:
+the same SMs at the same clocks (989.4 dense BF16 TFLOP/s for both), the H200 has more and faster
+memory, which compute-bound attention does not need. All figures use the FlashAttention benchmark convention: batch = 16384 / n,
 hidden 2048, forward FLOPs 4·n²·d·heads·batch (halved when causal), backward 2.5 × forward.
 The GELU errors are max |approximation − exact erf GELU| over the real line.
 """
@@ -17,11 +19,16 @@ FA3_FIG5 = "FlashAttention-3 paper, Fig. 5"
 SIXTEEN_BIT = ("float16", "bfloat16")
 
 
+# The device a published curve was measured on -> the device models (as in device_name) it holds for.
+APPLIES_TO = {"H100": ("H100", "H200")}
+MEASURED_ON = {"H100": "H100 SXM"}
+
+
 @dataclass(frozen=True)
 class Reference:
     impl: str
     source: str
-    device: str
+    device: str  # the device model it was measured on
     mode: str
     causal: bool
     head_dim: int
@@ -31,11 +38,12 @@ class Reference:
 
     @property
     def label(self) -> str:
-        return f"{self.impl} on {self.device} ({self.source})"
+        return f"{self.impl} on {MEASURED_ON.get(self.device, self.device)}, published ({self.source})"
 
     def matches(self, device_name: str, mode: str, causal: bool, head_dim: int, dtype: str) -> bool:
-        return (self.device in device_name.upper() and (self.mode, self.causal, self.head_dim) ==
-                (mode, causal, head_dim) and dtype in self.dtypes)
+        models = APPLIES_TO.get(self.device, (self.device,))
+        return (any(model in device_name.upper() for model in models) and (self.mode, self.causal, self.head_dim)
+                == (mode, causal, head_dim) and dtype in self.dtypes)
 
 
 _FA2_N = (512, 1024, 2048, 4096, 8192, 16384)
