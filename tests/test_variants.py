@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:flex_attention called without torch.compile:UserWarning")
 
 B, H, D = 2, 2, 16
-LONG, SHORT = 232, 50  # 232 = 8·29 is a multiple of no block/chunk size used; 50 < MIN_BLOCK
+LONG, SHORT = 232, 50  # 232 = 8·29 is a multiple of no block/chunk size used; 50 is shorter than most
 # Small parameters, so that at these lengths the structure matters (several blocks, chunks, residues).
 SMALL = {"window": 16, "rate": 4, "features": 64, "proj_len": 32, "chunk": 32}
 SMALL_STRIDED = {"window": 8, "rate": 16}

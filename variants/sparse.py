@@ -1,31 +1,36 @@
 """Sparse Transformer patterns — local window, atrous (dilated), strided (local ∪ atrous).
 
-Layout ``(batch, heads, seq, head_dim)``. Each pattern is one mask function (:mod:`variants.masks`)
-and every impl derives what it needs from it:
+Layout ``(batch, heads, seq, head_dim)``. Each pattern is one mask function (:mod:`variants.masks`),
+the definition the references, FLOPs and the mask-based impls derive from:
 
 * ``dense``: SDPA with the dense boolean mask — O(n²) memory, what a user gets without a kernel;
 * ``flex``: FlexAttention with the block mask (compiled on CUDA; eager and forward-only on CPU);
-* ``blocked`` (local): query blocks of size ≥ window attend to their neighbouring key blocks;
-* ``reshape`` (atrous): the sequence is split into ``rate`` interleaved subsequences;
-* ``merged`` (strided): the blocked part and the reshape part (minus keys already in the
-  neighbouring blocks) computed separately and merged exactly through their log-sum-exp;
 * ``xformers`` (local): xformers' own local attention bias.
+
+The structure-exploiting impls build no mask: each pattern is written as parts (tiles of rows
+against tiles of keys, full, causal or anticausal; :mod:`variants.merged`), each part one fused
+kernel call, merged exactly by log-sum-exp where parts share rows. The tests check that the parts
+allow exactly the pairs of the mask.
+
+* ``blocked`` (local): blocks of w against their own block and their two neighbours;
+* ``reshape`` (atrous): the ``rate`` interleaved subsequences, each attended without mask;
+* ``merged`` (strided): the local parts plus the residue-class keys beyond the window.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from . import masks
+from .decode import Attend, Decoder, kv_decoder
+from .merged import Part, Relation, Tiles, describe, merged_attention
 from .reference import softmax_attention
 from .registry import Capabilities, Entry, Point, register
 from .standard import xformers_attention, xformers_kernel, xformers_unsupported
-
-MIN_BLOCK = 64  # smallest query block of the blocked impls: below this, per-block overhead dominates
 
 
 def _pattern(kind: str, causal: bool, params: dict) -> masks.Pattern:
@@ -49,102 +54,84 @@ def _reference(kind: str):
     return reference
 
 
-# --- shared pieces of the structure-exploiting impls ---------------------------------------------
+# --- the patterns as parts (variants.merged): no mask anywhere ------------------------------------
 
-def masked_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention restricted to ``mask`` (broadcast over leading dims), returning the output
-    and the log-sum-exp of the scores. Rows with no allowed key give output 0 and lse −inf, so two
-    parts over disjoint key sets merge exactly with :func:`merge_parts`."""
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    # A finite fill keeps empty rows free of NaN (in values and gradients); they are zeroed below.
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out = torch.exp(scores - lse) @ v
-    empty = ~mask.any(dim=-1, keepdim=True)
-    return out.masked_fill(empty, 0.0), lse.masked_fill(empty, float("-inf"))
+def _blocks(first: int, count: int, block: int) -> Tiles:
+    """Blocks ``first .. first+count-1`` of size ``block``."""
+    return Tiles(start=first * block, step=block, count=count, stride=1, length=block)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-           with_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention over a layout with extra leading dims (blocks, subsequences), mask broadcast over
-    batch and heads. Without lse it is one SDPA call (a fused kernel where the backend has one)."""
-    if with_lse:
-        return masked_attention_parts(q, k, v, mask)
-    batch, rows, cols = q.shape[0], q.shape[-2], k.shape[-2]
-    flat = lambda x: x.reshape(batch, -1, x.shape[-2], x.shape[-1])  # noqa: E731
-    flat_mask = mask.expand(*q.shape[1:-2], rows, cols).reshape(-1, rows, cols)
-    out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=flat_mask)
-    return out.view(*q.shape[:-1], v.shape[-1]), None
+def _span(start: int, length: int) -> Tiles:
+    return Tiles(start=start, step=length, count=1, stride=1, length=length)
 
 
-def merge_parts(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                lse_b: torch.Tensor) -> torch.Tensor:
-    lse = torch.logaddexp(lse_a, lse_b)
-    return torch.exp(lse_a - lse) * out_a + torch.exp(lse_b - lse) * out_b
+@functools.lru_cache(maxsize=256)
+def local_parts(n: int, window: int, causal: bool) -> tuple[Part, ...]:
+    """|i − j| <= w as parts. With blocks of exactly w (a = i − block start, c = j − block start),
+    block I sees all of block I, block I+1 where c <= a (causal) and block I−1 where c >= a
+    (anticausal): nothing else is within w. A partial tail block of r < w keys gets its own
+    square or full parts."""
+    same: Relation = "causal" if causal else "full"
+    block = max(window, 1)
+    full, tail = divmod(n, block)
+    parts = []
+    if full:
+        parts.append(Part(_blocks(0, full, block), _blocks(0, full, block), same))
+    if tail:
+        parts.append(Part(_span(full * block, tail), _span(full * block, tail), same))
+    if window == 0:  # blocks of 1: the diagonal alone
+        return tuple(parts)
+    if full > 1:
+        parts.append(Part(_blocks(1, full - 1, block), _blocks(0, full - 1, block), "anticausal"))
+        if not causal:
+            parts.append(Part(_blocks(0, full - 1, block), _blocks(1, full - 1, block), "causal"))
+    if tail and full:
+        last, end = (full - 1) * block, full * block
+        # Tail rows (a < r) against the last full block: c >= a, so keys [0, r) anticausal and
+        # keys [r, w) all allowed.
+        parts += [Part(_span(end, tail), _span(last, tail), "anticausal"),
+                  Part(_span(end, tail), _span(last + tail, block - tail), "full")]
+        if not causal:
+            # The last full block against the tail keys (c < r): c <= a, so rows [0, r) causal
+            # and rows [r, w) see every tail key.
+            parts += [Part(_span(last, tail), _span(end, tail), "causal"),
+                      Part(_span(last + tail, block - tail), _span(end, tail), "full")]
+    return tuple(parts)
 
 
-def _block_size(window: int) -> int:
-    return max(window, MIN_BLOCK)
+def _residue_groups(n: int, rate: int) -> list[Tiles]:
+    """The residue classes r + t·rate, grouped by length: the first n mod rate classes hold one
+    position more than the others."""
+    length, longer = divmod(n, rate)
+    groups = [Tiles(start=0, step=1, count=longer, stride=rate, length=length + 1)] if longer else []
+    if length:
+        groups.append(Tiles(start=longer, step=1, count=rate - longer, stride=rate, length=length))
+    return groups
 
 
-def _neighbour_offsets(causal: bool) -> tuple[int, ...]:
-    return (-1, 0) if causal else (-1, 0, 1)
+@functools.lru_cache(maxsize=256)
+def atrous_parts(n: int, rate: int, causal: bool) -> tuple[Part, ...]:
+    """(i − j) mod rate == 0: attention inside each residue class, full or causal."""
+    return tuple(Part(g, g, "causal" if causal else "full") for g in _residue_groups(n, rate))
 
 
-@functools.lru_cache(maxsize=64)
-def _blocked_mask(pattern: masks.Pattern, n: int, block: int, causal: bool, device: str) -> torch.Tensor:
-    """(n_blocks, block, len(offsets)·block) mask of each query block against its neighbour blocks."""
-    n_blocks = -(-n // block)
-    q_abs = torch.arange(n_blocks * block, device=device).view(n_blocks, block, 1)
-    k_abs = torch.cat([(torch.arange(n_blocks, device=device)[:, None] + off) * block
-                       + torch.arange(block, device=device) for off in _neighbour_offsets(causal)], dim=-1)
-    k_abs = k_abs[:, None, :]
-    # Padding queries (dropped afterwards) may see everything, so no row is empty.
-    return (pattern.mask(q_abs, k_abs) & (k_abs >= 0) & (k_abs < n)) | (q_abs >= n)
-
-
-def blocked_parts(q, k, v, pattern: masks.Pattern, block: int, causal: bool, with_lse: bool):
-    """Each query block attends to its neighbouring key blocks: memory O(n · block)."""
-    b, h, n, d = q.shape
-    n_blocks = -(-n // block)
-    pad = n_blocks * block - n
-    qb, kb, vb = (F.pad(x, (0, 0, 0, pad)).view(b, h, n_blocks, block, d) for x in (q, k, v))
-    offsets = _neighbour_offsets(causal)
-    # One zero block on each side so that block i can gather blocks i-1 and i+1.
-    kp, vp = (F.pad(x, (0, 0, 0, 0, 1, 1)) for x in (kb, vb))
-    k_near = torch.cat([kp[:, :, 1 + off: 1 + off + n_blocks] for off in offsets], dim=3)
-    v_near = torch.cat([vp[:, :, 1 + off: 1 + off + n_blocks] for off in offsets], dim=3)
-    mask = _blocked_mask(pattern, n, block, causal, str(q.device))
-    out, lse = attend(qb, k_near, v_near, mask, with_lse)
-    unblock = lambda x: x.reshape(b, h, n_blocks * block, x.shape[-1])[:, :, :n]  # noqa: E731
-    return unblock(out), unblock(lse) if with_lse else None
-
-
-@functools.lru_cache(maxsize=64)
-def _residue_mask(pattern: masks.Pattern, n: int, rate: int, exclude_block: int, device: str) -> torch.Tensor:
-    """(rate, m, m) mask inside each residue class; optionally without keys in the neighbouring
-    blocks of size ``exclude_block`` (those are covered by the blocked part of ``merged``)."""
-    m = -(-n // rate)
-    pos = torch.arange(m, device=device)[None, :] * rate + torch.arange(rate, device=device)[:, None]
-    q_abs, k_abs = pos[:, :, None], pos[:, None, :]
-    mask = pattern.mask(q_abs, k_abs) & (k_abs < n)
-    if exclude_block:
-        mask &= (q_abs // exclude_block - k_abs // exclude_block).abs() > 1
-    return mask | (q_abs >= n)  # padding queries (dropped afterwards) may see everything
-
-
-def residue_parts(q, k, v, pattern: masks.Pattern, rate: int, with_lse: bool, exclude_block: int = 0):
-    """Attention inside each of the ``rate`` interleaved subsequences: memory O(n² / rate)."""
-    b, h, n, d = q.shape
-    m = -(-n // rate)
-    pad = m * rate - n
-    # position t·rate + r goes to subsequence r, slot t
-    split = lambda x: F.pad(x, (0, 0, 0, pad)).view(b, h, m, rate, x.shape[-1]).transpose(2, 3)  # noqa: E731
-    mask = _residue_mask(pattern, n, rate, exclude_block, str(q.device))
-    out, lse = attend(split(q), split(k), split(v), mask, with_lse)
-    join = lambda x: x.transpose(2, 3).reshape(b, h, m * rate, x.shape[-1])[:, :, :n]  # noqa: E731
-    return join(out), join(lse) if with_lse else None
+@functools.lru_cache(maxsize=256)
+def strided_parts(n: int, window: int, rate: int, causal: bool) -> tuple[Part, ...]:
+    """Local ∪ atrous = the local parts plus the atrous keys beyond the window. In a residue class
+    slots s, t are |s − t|·rate apart, beyond w when |s − t| > u = w // rate: keys t <= s − u − 1
+    (rows from slot u + 1 against keys from slot 0, causal) and, non-causal, t >= s + u + 1
+    (rows from slot 0 against keys from slot u + 1, anticausal)."""
+    parts = list(local_parts(n, window, causal))
+    skip = window // rate + 1
+    for g in _residue_groups(n, rate):
+        if g.length <= skip:
+            continue
+        early = replace(g, length=g.length - skip)
+        late = replace(early, start=g.start + skip * rate)
+        parts.append(Part(late, early, "causal"))
+        if not causal:
+            parts.append(Part(early, late, "anticausal"))
+    return tuple(parts)
 
 
 # --- the impls -----------------------------------------------------------------------------------
@@ -180,25 +167,49 @@ def _flex(kind: str):
     return forward
 
 
-def local_blocked(q, k, v, *, causal: bool, window: int) -> torch.Tensor:
-    pattern = _pattern("local", causal, {"window": window})
-    return blocked_parts(q, k, v, pattern, _block_size(window), causal, with_lse=False)[0]
+def local_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                  window: int) -> torch.Tensor:
+    return merged_attention(q, k, v, local_parts(q.shape[-2], window, causal))
 
 
-def atrous_reshape(q, k, v, *, causal: bool, rate: int) -> torch.Tensor:
-    return residue_parts(q, k, v, _pattern("atrous", causal, {"rate": rate}), rate, with_lse=False)[0]
+def atrous_reshape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                   rate: int) -> torch.Tensor:
+    return merged_attention(q, k, v, atrous_parts(q.shape[-2], rate, causal))
 
 
-def strided_merged(q, k, v, *, causal: bool, window: int, rate: int) -> torch.Tensor:
-    pattern = _pattern("strided", causal, {"window": window, "rate": rate})
-    block = _block_size(window)
-    near = blocked_parts(q, k, v, pattern, block, causal, with_lse=True)
-    far = residue_parts(q, k, v, pattern, rate, with_lse=True, exclude_block=block)
-    return merge_parts(*near, *far)
+def strided_merged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int,
+                   rate: int) -> torch.Tensor:
+    return merged_attention(q, k, v, strided_parts(q.shape[-2], window, rate, causal))
+
+
+def _parts_kernel(build, tiles: str):
+    """``kernel(point)``: what :func:`merged_attention` runs for the point's parts."""
+    def kernel(point: Point) -> str:
+        parts = build(point.seq_len, causal=point.causal, **point.params)
+        return describe(parts, point.seq_len, point.device, point.torch_dtype, point.head_dim, tiles)
+
+    return kernel
 
 
 def local_xformers(q, k, v, *, causal: bool, window: int) -> torch.Tensor:
     return xformers_attention(q, k, v, _pattern("local", causal, {"window": window}).xformers)
+
+
+# --- decoding: a KV cache of what the pattern can still reach ------------------------------------
+
+def _sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _xformers_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+        ~mask, float("-inf")).expand(*q.shape[:2], *mask.shape)  # xformers takes an additive tensor bias
+    return xformers_attention(q, k, v, bias)
+
+
+def _decoder(kind: str, attend: Attend, what: str) -> Decoder:
+    return kv_decoder(lambda params: _pattern(kind, True, params), attend,
+                      f"{what} over the keys the pattern reaches (window, residue class) of the KV cache")
 
 
 FLEX_CAPS = Capabilities(
@@ -213,25 +224,32 @@ PATTERN_DEFAULTS = {
 }
 
 STRUCTURED = {
-    "local": ("blocked", local_blocked, "query blocks attend to neighbouring key blocks, O(n·w) memory"),
-    "atrous": ("reshape", atrous_reshape, "rate interleaved subsequences, O(n²/rate) memory"),
-    "strided": ("merged", strided_merged,
-                "blocked local part ⊕ reshaped atrous part, merged by log-sum-exp"),
+    "local": ("blocked", local_blocked, _parts_kernel(local_parts, "tiles"),
+              "blocks of w against their own and neighbouring blocks (full, causal, anticausal "
+              "fused calls) merged by log-sum-exp, O(n·w) memory"),
+    "atrous": ("reshape", atrous_reshape, _parts_kernel(atrous_parts, "residue classes"),
+               "rate interleaved subsequences, each attended without mask, O(n²/rate) memory"),
+    "strided": ("merged", strided_merged, _parts_kernel(strided_parts, "tiles"),
+                "local parts ⊕ residue-class parts beyond the window, fused calls merged by "
+                "log-sum-exp"),
 }
 
 for _kind, _defaults in PATTERN_DEFAULTS.items():
-    _common = dict(family="sparse", reference=_reference(_kind), flops=sparse_flops(_kind), params=_defaults)
+    # One decode path per pattern: every impl of it computes the same function, so keeps the same cache.
+    _common = dict(family="sparse", reference=_reference(_kind), flops=sparse_flops(_kind), params=_defaults,
+                   decoder=_decoder(_kind, _sdpa_attend, "sdpa"))
     register(Entry(_kind, "dense", forward=_dense(_kind), kernel=lambda p: "sdpa with dense bool mask",
                    summary="SDPA with the dense boolean mask, O(n²) memory", **_common))
     register(Entry(_kind, "flex", forward=_flex(_kind), caps=FLEX_CAPS,
                    kernel=lambda p: "flex_attention (torch.compile)",
                    summary="FlexAttention with the block mask", **_common))
-    _impl, _fn, _summary = STRUCTURED[_kind]
-    register(Entry(_kind, _impl, forward=_fn, kernel=lambda p: "eager blocks", summary=_summary, **_common))
+    _impl, _fn, _kernel, _summary = STRUCTURED[_kind]
+    register(Entry(_kind, _impl, forward=_fn, kernel=_kernel, summary=_summary, **_common))
 
 register(Entry(
     "local", "xformers", "sparse", local_xformers, _reference("local"), sparse_flops("local"),
     params=PATTERN_DEFAULTS["local"], caps=Capabilities(requires=("xformers",)),
     availability=lambda p: xformers_unsupported(p, _pattern("local", p.causal, dict(p.params)).xformers),
     kernel=lambda p: xformers_kernel(p, _pattern("local", p.causal, dict(p.params)).xformers),
+    decoder=_decoder("local", _xformers_attend, "xformers memory_efficient_attention"),
     summary="xformers memory_efficient_attention with its local attention bias"))
