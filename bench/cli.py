@@ -120,8 +120,10 @@ def sweep_command(
     heads: Annotated[int | None, typer.Option(help="Number of heads.")] = None,
     head_dim: Annotated[str | None, typer.Option(help="Head dim (comma list allowed).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, float16, bfloat16 or float64 (comma list).")] = None,
-    modes: Annotated[str | None, typer.Option(help="Comma list of fwd, bwd, fwd_bwd.")] = None,
+    modes: Annotated[str | None, typer.Option(help="Comma list of fwd, bwd, fwd_bwd, decode.")] = None,
     causal: Annotated[bool | None, typer.Option("--causal/--no-causal", help="Causal masking only / never.")] = None,
+    q_len: Annotated[int | None, typer.Option(help="decode: new tokens per step against a cache of each "
+                                              "sequence length (default 1).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path("results"),
     run_id: Annotated[str | None, typer.Option(help="Run id (default: time-based, printed).")] = None,
@@ -150,7 +152,7 @@ def sweep_command(
         batch_sizes=specs.parse_list(batch_sizes, "batch-sizes", int), heads=heads,
         head_dims=specs.parse_list(head_dim, "head-dim", int), dtypes=specs.parse_list(dtype, "dtype"),
         modes=specs.parse_list(modes, "modes"), causal=None if causal is None else (causal,), device=device,
-        timeout_s=timeout_s, keep_going=keep_going or None)
+        timeout_s=timeout_s, keep_going=keep_going or None, q_len=q_len)
     if max_mem_gb is not None:
         spec = replace(spec, measure=replace(spec.measure, max_mem_gb=max_mem_gb))
     if cuda_graph:
@@ -345,8 +347,9 @@ def profile_command(
     heads: Annotated[int, typer.Option(help="Number of heads.")] = 4,
     head_dim: Annotated[int, typer.Option(help="Head dim.")] = 64,
     dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or float64.")] = "float32",
-    mode: Annotated[str, typer.Option(help="fwd, bwd or fwd_bwd.")] = "fwd",
-    causal: Annotated[bool, typer.Option("--causal/--no-causal", help="Causal masking.")] = False,
+    mode: Annotated[str, typer.Option(help="fwd, bwd, fwd_bwd or decode.")] = "fwd",
+    causal: Annotated[bool, typer.Option("--causal/--no-causal", help="Causal masking (decode always is).")] = False,
+    q_len: Annotated[int, typer.Option(help="decode: new tokens per step against a cache of --seq-len.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     out_dir: Annotated[Path, typer.Option("--out", help="Profiles folder; each point gets "
                                           "OUT/<variant>-<impl>-<shape>/.")] = Path("profiles"),
@@ -370,7 +373,7 @@ def profile_command(
     params = _parse_params(param or [])
     spec = specs.validate(specs.SweepSpec(
         variants=(selector,), seq_lens=(seq_len,), batch_sizes=(batch_size,), heads=heads, head_dims=(head_dim,),
-        dtypes=(dtype,), modes=(mode,), causal=(causal,), device=device,
+        dtypes=(dtype,), modes=(mode,), causal=(causal,), device=device, decode=specs.DecodeGrid(q_len=q_len),
         params={selector.partition("/")[0]: params} if params else {}))
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"--out {str(out_dir)!r} is a file")

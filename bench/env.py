@@ -24,12 +24,35 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 }
 
 
+# Memory bandwidth, TB/s, from the same datasheets: (words the device name holds, words it must not
+# hold, peak). The PCIe and NVL parts of a model have other memories, so they get no figure.
+PEAK_BANDWIDTH_TBPS: tuple[tuple[tuple[str, ...], tuple[str, ...], float], ...] = (
+    (("H200",), ("NVL",), 4.8),
+    (("H100",), ("PCIE", "NVL"), 3.35),
+    (("A100", "80GB"), ("PCIE",), 2.04),
+)
+
+
 def peak_tflops(device_name: str, dtype: str) -> float | None:
     """The datasheet peak for a device in the table, else None (never a guess)."""
     for model, peaks in PEAK_TFLOPS.items():
         if model in device_name.upper():
             return peaks.get(dtype)
     return None
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    """The datasheet memory bandwidth (TB/s) of a device in the table, else None (never a guess)."""
+    name = device_name.upper()
+    for words, excluded, tbps in PEAK_BANDWIDTH_TBPS:
+        if all(w in name for w in words) and not any(w in name for w in excluded):
+            return tbps
+    return None
+
+
+def device_name(device: str) -> str:
+    """The CUDA device's name ("" on CPU: no peak applies)."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
 
 
 def resolve_device(device: str) -> str:

@@ -18,10 +18,12 @@ Definitions (also in the README):
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import statistics
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,21 +33,19 @@ from torch.utils._pytree import tree_flatten
 import variants
 from variants.registry import Entry, Point
 
-from .env import clock_and_throttle, peak_tflops
+from .env import clock_and_throttle, device_name, peak_bandwidth, peak_tflops
 from .spec import MeasureSettings
 from .timers import Call, cold_call_ms, percentile, repetitions, timed_form, warm_up
 
-# FLOPs of a mode relative to the forward (FlashAttention convention: backward = 2.5 × forward).
-MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 SEED = 0
 
 
 # --- inputs and calls ----------------------------------------------------------------------------
 
-def make_inputs(point: Point, grad: bool) -> tuple[torch.Tensor, ...]:
-    """Seeded q, k, v and an upstream gradient, (batch, heads, seq, head_dim)."""
+def make_inputs(point: Point, grad: bool, tokens: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Seeded q, k, v and an upstream gradient, (batch, heads, tokens or seq_len, head_dim)."""
     gen = torch.Generator(device=point.device).manual_seed(SEED)
-    shape = (point.batch, point.heads, point.seq_len, point.head_dim)
+    shape = (point.batch, point.heads, tokens or point.seq_len, point.head_dim)
     q, k, v, grad_out = (torch.randn(shape, generator=gen, device=point.device, dtype=point.torch_dtype)
                          for _ in range(4))
     for t in (q, k, v):
@@ -75,34 +75,124 @@ def _bwd(fn: Callable[[], torch.Tensor], inputs: tuple, grad_out: torch.Tensor) 
                 existing=(*inputs, grad_out, out))
 
 
-MODE_CALLS = {"fwd": _fwd, "fwd_bwd": _fwd_bwd, "bwd": _bwd}
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor held by a cache (dataclasses of tensors, nested)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value):
+        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
+    return []
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What the correctness gate compares: the impl's output, its float64 reference's, exact softmax's."""
+
+    out: torch.Tensor
+    reference: torch.Tensor
+    softmax: torch.Tensor
+
+
+def _kernel_call(entry: Entry, point: Point) -> tuple[Call, int]:
+    q, k, v, grad_out = make_inputs(point, grad=point.needs_grad)
+    params = dict(point.params)
+    calls = {"fwd": _fwd, "fwd_bwd": _fwd_bwd, "bwd": _bwd}
+    call = calls[point.mode](lambda: entry.forward(q, k, v, causal=point.causal, **params), (q, k, v), grad_out)
+    return call, sum(t.numel() * t.element_size() for t in (q, k, v))
+
+
+def _kernel_outputs(entry: Entry, point: Point) -> Outputs:
+    q, k, v, _ = make_inputs(point, grad=False)
+    params = dict(point.params)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    return Outputs(entry.forward(q, k, v, causal=point.causal, **params),
+                   entry.reference(q64, k64, v64, causal=point.causal, **params),
+                   variants.exact_attention(q64, k64, v64, point.causal))
+
+
+def _decode_inputs(entry: Entry, point: Point) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The cache of the n-token prefix (built here, never timed), the q_len new tokens' q, k, v, and
+    all n + q_len tokens' q, k, v."""
+    n = point.seq_len
+    tokens = make_inputs(point, grad=False, tokens=n + point.q_len)[:3]
+    q, k, v = tokens
+    cache = entry.decoder.prefill(k[:, :, :n], v[:, :, :n], q_len=point.q_len, **dict(point.params))
+    new = tuple(t[:, :, n:].contiguous() for t in tokens)
+    return cache, new, tokens
+
+
+def _decode_call(entry: Entry, point: Point) -> tuple[Call, int]:
+    with torch.no_grad():
+        cache, new, _ = _decode_inputs(entry, point)
+    params = dict(point.params)
+
+    def run():
+        with torch.no_grad():
+            return entry.decoder.step(*new, cache, **params)
+
+    return Call(run, existing=(*new, *_tensors(cache))), sum(t.numel() * t.element_size() for t in new)
+
+
+def _decode_outputs(entry: Entry, point: Point) -> Outputs:
+    cache, new, tokens = _decode_inputs(entry, point)
+    q64, k64, v64 = (t.double() for t in tokens)
+    last = slice(-point.q_len, None)
+    return Outputs(entry.decoder.step(*new, cache, **dict(point.params)),
+                   entry.reference(q64, k64, v64, causal=True, **dict(point.params))[:, :, last],
+                   variants.exact_attention(q64, k64, v64, True)[:, :, last])
+
+
+def _decode_columns(entry: Entry, point: Point, median_ms: float) -> dict[str, Any]:
+    """A decode row's memory-traffic columns (analytic bytes, from the entry's decoder)."""
+    moved = entry.decoder.bytes_moved(point)
+    gbps = moved / (median_ms * 1e-3) / 1e9
+    peak = peak_bandwidth(device_name(point.device))
+    return {"q_len": point.q_len, "cache_bytes": entry.decoder.cache_bytes(point), "bytes_moved": moved,
+            "gbps": gbps, "pct_bandwidth": 100 * gbps / (peak * 1e3) if peak else None,
+            "tokens_per_s": point.batch * point.q_len / (median_ms * 1e-3)}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a mode runs: its timed call (and the inputs' bytes), the outputs its correctness gate
+    compares, its FLOPs and its own columns."""
+
+    call: Callable[[Entry, Point], tuple[Call, int]]
+    outputs: Callable[[Entry, Point], Outputs]
+    flops: Callable[[Entry, Point], float]
+    kernel: Callable[[Entry, Point], str | None]  # what runs, for the row
+    columns: Callable[[Entry, Point, float], dict[str, Any]] = lambda entry, point, median_ms: {}
+
+
+def _kernel_workload(factor: float) -> Workload:
+    return Workload(_kernel_call, _kernel_outputs, lambda entry, point: entry.flops(point) * factor,
+                    lambda entry, point: entry.kernel(point) if entry.kernel else None)
+
+
+# FLOPs of a mode relative to the forward (FlashAttention convention: backward = 2.5 × forward).
+WORKLOADS: dict[str, Workload] = {
+    "fwd": _kernel_workload(1.0), "bwd": _kernel_workload(2.5), "fwd_bwd": _kernel_workload(3.5),
+    "decode": Workload(_decode_call, _decode_outputs, lambda entry, point: entry.decoder.flops(point),
+                       lambda entry, point: entry.decoder.kernel, _decode_columns),
+}
 
 
 def make_call(entry: Entry, point: Point) -> tuple[Call, int]:
     """The mode's callable on fresh inputs, and the inputs' bytes."""
-    q, k, v, grad_out = make_inputs(point, grad=point.mode != "fwd")
-    params = dict(point.params)
-    call = MODE_CALLS[point.mode](lambda: entry.forward(q, k, v, causal=point.causal, **params),
-                                  (q, k, v), grad_out)
-    input_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
-    return call, input_bytes
+    return WORKLOADS[point.mode].call(entry, point)
 
 
 # --- correctness ---------------------------------------------------------------------------------
 
 def check(entry: Entry, point: Point, check_len: int) -> tuple[float, float, str | None]:
-    """Forward on a slice (1 batch, 1 head, first ``check_len`` tokens) against the entry's float64
-    reference and against exact softmax attention. Returns (err_ref, err_softmax, failure)."""
-    n = min(point.seq_len, check_len)
-    small = Point(batch=1, heads=1, seq_len=n, head_dim=point.head_dim, dtype=point.dtype,
-                  device=point.device, causal=point.causal, mode="fwd", params=point.params)
-    q, k, v, _ = make_inputs(small, grad=False)
-    params = dict(point.params)
+    """The point's output on a slice (1 batch, 1 head, the first ``check_len`` tokens, or that many
+    before the new ones when decoding) against the entry's float64 reference and exact softmax
+    attention. Returns (err_ref, err_softmax, failure)."""
+    small = replace(point, batch=1, heads=1, seq_len=min(point.seq_len, check_len))
     with torch.no_grad():
-        out = entry.forward(q, k, v, causal=point.causal, **params)
-        q64, k64, v64 = (t.double() for t in (q, k, v))
-        err_ref = variants.relative_error(out, entry.reference(q64, k64, v64, causal=point.causal, **params))
-        err_softmax = variants.relative_error(out, variants.exact_attention(q64, k64, v64, point.causal))
+        outputs = WORKLOADS[point.mode].outputs(entry, small)
+    err_ref = variants.relative_error(outputs.out, outputs.reference)
+    err_softmax = variants.relative_error(outputs.out, outputs.softmax)
     tolerance = entry.tolerance[point.dtype]
     if not err_ref <= tolerance:  # also catches NaN
         return err_ref, err_softmax, (f"output differs from the float64 reference: relative error "
@@ -183,7 +273,8 @@ def measure(entry: Entry, point: Point, settings: MeasureSettings) -> dict[str, 
         reason = entry.unsupported(point)
         if reason:
             return {"status": "unsupported", "reason": reason}
-        row["kernel"] = entry.kernel(point) if entry.kernel else None
+        workload = WORKLOADS[point.mode]
+        row["kernel"] = workload.kernel(entry, point)
         row["err_ref"], row["err_softmax"], failure = check(entry, point, settings.check_len)
         if failure:
             return {**row, "status": "incorrect", "reason": failure}
@@ -197,9 +288,8 @@ def measure(entry: Entry, point: Point, settings: MeasureSettings) -> dict[str, 
                                                           settings.max_reps))
         row["host_ms"] = form.timer.host_ms(form.call)
         row["sm_clock_mhz"], row["throttle"] = clock_and_throttle(point.device)
-        flops = entry.flops(point) * MODE_FLOP_FACTOR[point.mode]
-        peak = peak_tflops(torch.cuda.get_device_name(point.device) if point.device.startswith("cuda")
-                           else "", point.dtype)
+        flops = workload.flops(entry, point)
+        peak = peak_tflops(device_name(point.device), point.dtype)
     except Exception as exc:  # a point's failure is a result, not a crash of the sweep
         return {**row, **failure_row(exc)}
     finally:
@@ -209,7 +299,7 @@ def measure(entry: Entry, point: Point, settings: MeasureSettings) -> dict[str, 
     tflops = flops / (median * 1e-3) / 1e12
     host = row["host_ms"]
     # An ok row's reason is a note on how it was measured (a CUDA graph that could not be captured).
-    return {**row, "status": "ok", "reason": form.note, "time_ms": median, "time_ms_p20": p20,
+    return {**row, **workload.columns(entry, point, median), "status": "ok", "reason": form.note, "time_ms": median, "time_ms_p20": p20,
             "time_ms_p80": p80, "reps": len(samples), "spread": p80 / p20 if p20 > 0 else None,
             "noisy": bool(p20 > 0 and p80 / p20 > settings.noisy_spread),
             "launch_bound": None if host is None else bool(host >= median), "flops": flops,

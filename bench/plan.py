@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,8 @@ from variants.registry import Point
 
 from .spec import MeasureSettings, SweepSpec
 from .store import point_key
+
+DECODE = "decode"  # the mode with a cache: causal by definition, q_len new tokens per step
 
 
 @dataclass(frozen=True)
@@ -33,14 +36,16 @@ class Task:
         fields = {"kind": "kernel", "variant": self.variant, "impl": self.impl, "family": self.family,
                   "params": json.dumps(dict(p.params), sort_keys=True), "mode": p.mode,
                   "causal": p.causal, "batch": p.batch, "heads": p.heads, "seq_len": p.seq_len,
-                  "head_dim": p.head_dim, "dtype": p.dtype, "device": p.device}
+                  "head_dim": p.head_dim, "dtype": p.dtype, "device": p.device,
+                  "q_len": p.q_len if p.mode == DECODE else None}
         fields["key"] = point_key(fields)
         return fields
 
     def label(self) -> str:
         p = self.point
+        new = f" q={p.q_len}" if p.mode == DECODE else ""
         return (f"{self.name} {p.mode}{' causal' if p.causal else ''} b={p.batch} h={p.heads} "
-                f"n={p.seq_len} d={p.head_dim} {p.dtype}")
+                f"n={p.seq_len}{new} d={p.head_dim} {p.dtype}")
 
     def execute(self, settings: MeasureSettings) -> dict[str, Any]:
         """Measured columns of this point (runs in the worker process)."""
@@ -52,23 +57,38 @@ class Task:
         """Points that differ only in size: after an OOM, larger ones of the group are skipped."""
         p = self.point
         return (self.name, json.dumps(dict(p.params), sort_keys=True), p.mode, p.causal, p.head_dim,
-                p.dtype, p.device)
+                p.dtype, p.device, p.q_len)
 
 
-def expand(spec: SweepSpec, device: str) -> list[Task]:
-    """Every (entry × causal × mode × dtype × head_dim × batch × seq_len) point, sizes ascending
+def _grid(spec: SweepSpec, selectors: tuple[str, ...], modes_causal: list[tuple[str, bool]],
+          seq_lens: tuple[int, ...], batches_at: Callable[[int], tuple[int, ...]], device: str) -> list[Task]:
+    """Every (entry × (mode, causal) × dtype × head_dim × seq_len × batch) point, sizes ascending
     within a group so an OOM is met at the smallest size first."""
-    entries = list({e.name: e for s in spec.variants for e in variants.select(s)}.values())
+    entries = list({e.name: e for s in selectors for e in variants.select(s)}.values())
     tasks = []
     for entry in entries:
         params = entry.resolve_variant_params(spec.params.get(entry.variant, {}))
-        for causal, mode, dtype, head_dim in itertools.product(spec.causal, spec.modes, spec.dtypes,
-                                                               spec.head_dims):
+        for (mode, causal), dtype, head_dim in itertools.product(modes_causal, spec.dtypes, spec.head_dims):
             heads = spec.hidden // head_dim if spec.hidden else spec.heads
-            for seq_len in sorted(spec.seq_lens):
-                batches = (max(1, spec.tokens // seq_len),) if spec.tokens else spec.batch_sizes
-                for batch in batches:
-                    point = Point(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim,
-                                  dtype=dtype, device=device, causal=causal, mode=mode, params=params)
+            for seq_len in sorted(seq_lens):
+                for batch in batches_at(seq_len):
+                    point = Point(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, dtype=dtype,
+                                  device=device, causal=causal, mode=mode, params=params,
+                                  q_len=spec.decode.q_len)
                     tasks.append(Task(entry.variant, entry.impl, entry.family, point))
+    return tasks
+
+
+def expand(spec: SweepSpec, device: str) -> list[Task]:
+    """The sweep's points: its modes other than decode over the [sweep] grid, then the decode points
+    over the [decode] grid (causal by definition, whatever ``causal`` lists)."""
+    def batches(n: int) -> tuple[int, ...]:
+        return (max(1, spec.tokens // n),) if spec.tokens else spec.batch_sizes
+
+    full = [(mode, causal) for mode in spec.modes if mode != DECODE for causal in spec.causal]
+    tasks = _grid(spec, spec.variants, full, spec.seq_lens, batches, device) if full else []
+    if DECODE in spec.modes:
+        grid = spec.decode
+        tasks += _grid(spec, grid.variants or spec.variants, [(DECODE, True)], grid.seq_lens or spec.seq_lens,
+                       (lambda n: grid.batch_sizes) if grid.batch_sizes else batches, device)
     return tasks

@@ -94,7 +94,8 @@ def shape_slug(point: Point) -> str:
     """``fwd-b1-h4-n2048-d64-float32-cpu``, with ``-causal`` after the mode and each parameter
     (``-window256``) before the device; a point's directory name never collides with another's."""
     parts = [point.mode, *(["causal"] if point.causal else []), f"b{point.batch}", f"h{point.heads}",
-             f"n{point.seq_len}", f"d{point.head_dim}", point.dtype,
+             f"n{point.seq_len}", *([f"q{point.q_len}"] if point.mode == "decode" else []), f"d{point.head_dim}",
+             point.dtype,
              *(f"{k}{v}" for k, v in sorted(point.params.items())), point.device.replace(":", "")]
     return "-".join(parts)
 

@@ -9,10 +9,14 @@ TOML layout (every key optional except where a preset supplies it)::
     heads = 4                # or: hidden = 2048 (heads = hidden // head_dim)
     head_dims = [64]
     dtypes = ["float32"]
-    modes = ["fwd", "fwd_bwd"]
+    modes = ["fwd", "fwd_bwd"]  # or "bwd", "decode"
     causal = [false]
     device = "auto"
     timeout_s = 300
+
+    [decode]                 # the points of mode "decode" (a step against a cache of seq_len):
+    seq_lens = [4096, 65536] # their own grid, the rest as in [sweep]
+    q_len = 1                # new tokens per step
 
     [params.local]           # parameters of a variant, overriding its defaults
     window = 64
@@ -42,7 +46,7 @@ from .errors import BadInput
 
 # Sizes past these are typos, not experiments (and would overflow index arithmetic or the allocator).
 LIMITS = {"seq_lens": 1 << 22, "batch_sizes": 1 << 16, "heads": 1024, "head_dims": 1024,
-          "tokens": 1 << 26, "hidden": 1 << 16}
+          "tokens": 1 << 26, "hidden": 1 << 16, "q_len": 1 << 12}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -59,6 +63,17 @@ class MeasureSettings:
     check_len: int = 1024  # sequence length of the float64 correctness slice
     max_mem_gb: float | None = None  # address-space limit of the worker process (CPU)
     cuda_graph: bool = False  # time a CUDA graph's replay (launch overhead left out) where capture works
+
+
+@dataclass(frozen=True)
+class DecodeGrid:
+    """The grid of the decode points (when ``modes`` holds "decode"): a cache length worth timing a
+    step against is not a length worth a full forward. What it leaves out is the sweep's."""
+
+    variants: tuple[str, ...] | None = None
+    seq_lens: tuple[int, ...] | None = None  # cache lengths n
+    batch_sizes: tuple[int, ...] | None = None
+    q_len: int = 1  # new tokens per step
 
 
 @dataclass(frozen=True)
@@ -79,14 +94,19 @@ class SweepSpec:
     params: dict[str, dict[str, int]] = field(default_factory=dict)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     slurm: dict[str, Any] = field(default_factory=dict)  # job settings, see bench.executors.SlurmOptions
+    decode: DecodeGrid = field(default_factory=DecodeGrid)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-_SWEEP_KEYS = {f.name for f in fields(SweepSpec)} - {"params", "measure", "slurm"}
+_TABLES = ("sweep", "params", "measure", "slurm", "decode")
+_SWEEP_KEYS = {f.name for f in fields(SweepSpec)} - set(_TABLES)
 _LIST_KEYS = {"variants", "seq_lens", "batch_sizes", "head_dims", "dtypes", "modes", "causal"}
 _MEASURE_KEYS = {f.name for f in fields(MeasureSettings)}
+_DECODE_KEYS = {f.name for f in fields(DecodeGrid)}
+# Flags that replace a value in both grids (a length given on the command line is every length).
+_SHARED_KEYS = ("variants", "seq_lens", "batch_sizes")
 
 
 def _presets(folder: str):
@@ -138,47 +158,55 @@ def from_toml(text: str, origin: str) -> SweepSpec:
     return from_data(parse_toml(text, origin), origin)
 
 
+def _table_values(table: dict[str, Any], name: str, keys: set[str], origin: str) -> dict[str, Any]:
+    """A table's values with lists as tuples; BadInput on an unknown key or a list/scalar mix-up."""
+    for key, value in table.items():
+        if key not in keys:
+            raise BadInput(f"{origin}: unknown key {name}.{key} (valid: {', '.join(sorted(keys))})")
+        if (key in _LIST_KEYS) != isinstance(value, list):
+            shape = "a list" if key in _LIST_KEYS else "a single value"
+            raise BadInput(f"{origin}: {name}.{key} must be {shape}, got {value!r}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+
+
 def from_data(data: dict[str, Any], origin: str) -> SweepSpec:
-    unknown = set(data) - {"sweep", "params", "measure", "slurm"}
+    unknown = set(data) - set(_TABLES)
     if unknown:
-        raise BadInput(f"{origin}: unknown table {sorted(unknown)[0]!r} (valid: sweep, params, measure, slurm)")
-    sweep, params, measure = data.get("sweep", {}), data.get("params", {}), data.get("measure", {})
-    for table, name in ((sweep, "sweep"), (params, "params"), (measure, "measure"), (data.get("slurm", {}), "slurm")):
-        if not isinstance(table, dict):
+        raise BadInput(f"{origin}: unknown table {sorted(unknown)[0]!r} (valid: {', '.join(_TABLES)})")
+    for name in _TABLES:
+        if not isinstance(data.get(name, {}), dict):
             raise BadInput(f"{origin}: [{name}] must be a table")
-    for key in sweep:
-        if key not in _SWEEP_KEYS:
-            raise BadInput(f"{origin}: unknown key sweep.{key} (valid: {', '.join(sorted(_SWEEP_KEYS))})")
+    params, measure = data.get("params", {}), data.get("measure", {})
     for key in measure:
         if key not in _MEASURE_KEYS:
             raise BadInput(f"{origin}: unknown key measure.{key} (valid: {', '.join(sorted(_MEASURE_KEYS))})")
     for variant, table in params.items():
         if not isinstance(table, dict):
             raise BadInput(f"{origin}: params.{variant} must be a table of parameter = value")
-    for key, value in sweep.items():
-        if (key in _LIST_KEYS) != isinstance(value, list):
-            shape = "a list" if key in _LIST_KEYS else "a single value"
-            raise BadInput(f"{origin}: sweep.{key} must be {shape}, got {value!r}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in sweep.items()}
+    values = _table_values(data.get("sweep", {}), "sweep", _SWEEP_KEYS, origin)
+    decode = _table_values(data.get("decode", {}), "decode", _DECODE_KEYS, origin)
     if "tokens" in values and "batch_sizes" not in values:
         values["batch_sizes"] = ()
     if "hidden" in values and "heads" not in values:
         values["heads"] = None
     try:
         return SweepSpec(**values, params={k: dict(v) for k, v in params.items()},
-                         measure=MeasureSettings(**measure), slurm=dict(data.get("slurm", {})))
+                         measure=MeasureSettings(**measure), slurm=dict(data.get("slurm", {})),
+                         decode=DecodeGrid(**decode))
     except TypeError as exc:
         raise BadInput(f"{origin}: {exc}") from None
 
 
-def override(spec: SweepSpec, **flags: Any) -> SweepSpec:
-    """Flags given on the command line (not None) win over the file."""
+def override(spec: SweepSpec, q_len: int | None = None, **flags: Any) -> SweepSpec:
+    """Flags given on the command line (not None) win over the file, in both grids."""
     given = {k: v for k, v in flags.items() if v is not None}
     if "batch_sizes" in given:
         given["tokens"] = None
     if "heads" in given:
         given["hidden"] = None
-    return replace(spec, **given)
+    decode = replace(spec.decode, **{k: None for k in _SHARED_KEYS if k in given},
+                     **({"q_len": q_len} if q_len is not None else {}))
+    return replace(spec, **given, decode=decode)
 
 
 def parse_list(text: str | None, name: str, convert: type = str) -> tuple | None:
@@ -203,18 +231,21 @@ def _parses(text: str, convert: type) -> bool:
         return False
 
 
-def _positive_ints(name: str, values: Any) -> None:
+def _positive_ints(name: str, values: Any, label: str | None = None) -> None:
+    """``values`` (a list for list keys, else one value) are positive integers within ``LIMITS[name]``;
+    messages call it ``label`` (default ``name``)."""
+    label = label or name
     if (name in _LIST_KEYS) != isinstance(values, tuple):
         shape = "a list of positive integers" if name in _LIST_KEYS else "one positive integer"
-        raise BadInput(f"{name} must be {shape}, got {values!r}")
+        raise BadInput(f"{label} must be {shape}, got {values!r}")
     values = values if isinstance(values, tuple) else (values,)
     if not values:
-        raise BadInput(f"{name} is empty")
+        raise BadInput(f"{label} is empty")
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise BadInput(f"{name}: {value!r} is not a positive integer")
+            raise BadInput(f"{label}: {value!r} is not a positive integer")
         if value > LIMITS[name]:
-            raise BadInput(f"{name}: {value} is larger than the limit {LIMITS[name]}")
+            raise BadInput(f"{label}: {value} is larger than the limit {LIMITS[name]}")
 
 
 def _choices(name: str, values: Any, valid: tuple[str, ...]) -> None:
@@ -236,15 +267,7 @@ def validate_device_and_dtype(device: Any, dtype: str | None = None) -> None:
 
 def validate(spec: SweepSpec) -> SweepSpec:
     """Check everything a sweep needs before anything is written; BadInput names the bad value."""
-    if not spec.variants:
-        raise BadInput("no variants selected (use --variants or a preset)")
-    for selector in spec.variants:
-        if not isinstance(selector, str):
-            raise BadInput(f"variants: {selector!r} is not a name")
-        try:
-            variants.select(selector)
-        except KeyError as exc:
-            raise BadInput(str(exc.args[0])) from None
+    _validate_variants(spec.variants, "variants")
     _positive_ints("seq_lens", spec.seq_lens)
     if spec.tokens is not None:
         _positive_ints("tokens", spec.tokens)
@@ -255,6 +278,7 @@ def validate(spec: SweepSpec) -> SweepSpec:
     else:
         _positive_ints("heads", spec.heads)
     _positive_ints("head_dims", spec.head_dims)
+    _validate_decode(spec.decode)
     _choices("dtypes", spec.dtypes, tuple(DTYPES))
     _choices("modes", spec.modes, MODES)
     if not isinstance(spec.causal, tuple) or not spec.causal or any(not isinstance(c, bool) for c in spec.causal):
@@ -271,6 +295,27 @@ def validate(spec: SweepSpec) -> SweepSpec:
     _validate_params(spec)
     _validate_measure(spec.measure)
     return spec
+
+
+def _validate_variants(selectors: Any, name: str) -> None:
+    if not isinstance(selectors, tuple) or not selectors:
+        raise BadInput(f"no {name} selected (use --variants or a preset)")
+    for selector in selectors:
+        if not isinstance(selector, str):
+            raise BadInput(f"{name}: {selector!r} is not a name")
+        try:
+            variants.select(selector)
+        except KeyError as exc:
+            raise BadInput(str(exc.args[0])) from None
+
+
+def _validate_decode(grid: DecodeGrid) -> None:
+    if grid.variants is not None:
+        _validate_variants(grid.variants, "decode.variants")
+    for name in ("seq_lens", "batch_sizes"):
+        if getattr(grid, name) is not None:
+            _positive_ints(name, getattr(grid, name), f"decode.{name}")
+    _positive_ints("q_len", grid.q_len, "decode.q_len")
 
 
 def _validate_params(spec: SweepSpec) -> None:
@@ -293,7 +338,7 @@ def _validate_params(spec: SweepSpec) -> None:
                 entry.resolve_variant_params(params)
         except ValueError as exc:
             raise BadInput(str(exc)) from None
-    for selector in spec.variants:
+    for selector in (*spec.variants, *(spec.decode.variants or ())):
         if "/" not in selector:
             continue  # a whole variant: impls that cannot take a head dim get `unsupported` rows
         caps = variants.get(selector).caps

@@ -48,6 +48,9 @@ COLUMNS: dict[str, pa.DataType] = {
     "timer": _S, "host_ms": _F, "launch_bound": _B,
     # memory (bytes)
     "peak_mem_bytes": _I, "input_bytes": _I,
+    # decoding (mode "decode"): new tokens per step against a cache of seq_len, what the cache holds,
+    # the analytic bytes one step reads and writes, and that traffic per second
+    "q_len": _I, "cache_bytes": _I, "bytes_moved": _I, "gbps": _F, "pct_bandwidth": _F,
     # work
     "flops": _F, "tflops": _F, "pct_peak": _F,
     # quality
@@ -71,8 +74,12 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def point_key(fields: Mapping[str, Any]) -> str:
-    """Stable identity of a point: a short hash of its key columns."""
-    text = json.dumps([fields.get(c) for c in KEY_COLUMNS], sort_keys=True, default=str)
+    """Stable identity of a point: a short hash of its key columns, and ``q_len`` where it is set
+    (decode points; leaving it out elsewhere keeps the keys of earlier runs)."""
+    values = [fields.get(c) for c in KEY_COLUMNS]
+    if fields.get("q_len") is not None:
+        values.append(fields["q_len"])
+    text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 

@@ -52,7 +52,7 @@ def row(variant: str, impl: str, family: str, n: int, mode: str = "fwd", **field
                 "heads": 8, "seq_len": n, "head_dim": 64, "dtype": "bfloat16", "device": "cuda"}
     env = {"run_id": "syn", "ts": "2026-01-02T03:04:05+00:00", "device_name": H100, "hostname": "<b>host</b>",
            "torch_version": "2.13.0", "git_commit": "abc123", "kernel": "<i>kernel</i>"}
-    return {**env, **identity, "key": point_key(identity), **fields}
+    return {**dict.fromkeys(COLUMNS), **env, **identity, "key": point_key(identity), **fields}
 
 
 def ok_fields(time_ms: float, mem: float, n: int, noisy: bool = False, launch_bound: bool = False) -> dict:

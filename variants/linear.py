@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .decode import Decoder
 from .registry import Capabilities, Entry, Point, register
 
 EPS = 1e-6  # keeps rows whose similarities are all zero (possible with relu) finite: they output 0
@@ -38,6 +39,10 @@ class FeatureMap:
     flops_per_token: Callable[..., float] = lambda head_dim, **params: 0.0
     causal_reason: str | None = None  # why causal is impossible, if it is
     summary: str = ""
+    # Key features relative to a stabiliser shared by every key of a head (Performer's exp features):
+    # (keys, stabiliser or None, **params) -> (features, stabiliser used). A decode state keeps the
+    # stabiliser and rescales its sums when new keys raise it; None for maps without one.
+    stabilised_key: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def elu1(x: torch.Tensor) -> torch.Tensor:
@@ -66,16 +71,29 @@ def orthogonal_features(head_dim: int, features: int, seed: int, device: str, dt
 PERFORMER_SEED = 0
 
 
-def _performer(x: torch.Tensor, features: int, is_query: bool) -> torch.Tensor:
-    """Positive random features: E[φ(q)·φ(k)] = exp(q·k/√d). The subtracted maximum cancels in the
-    ratio (per row for queries, per head for keys) and only guards exp against overflow."""
+def _performer_logits(x: torch.Tensor, features: int) -> torch.Tensor:
+    """log of the positive random features (up to a constant): E[φ(q)·φ(k)] = exp(q·k/√d)."""
     d = x.shape[-1]
     x = x * d ** -0.25
     w = orthogonal_features(d, features, PERFORMER_SEED, str(x.device), x.dtype)
-    proj = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
-    dims = (-1,) if is_query else (-2, -1)
-    proj = proj - proj.detach().amax(dim=dims, keepdim=True)
-    return torch.exp(proj) / math.sqrt(features)
+    return x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
+
+
+def _performer_query(x: torch.Tensor, features: int) -> torch.Tensor:
+    # The subtracted maximum cancels in the ratio (per row for a query) and only guards exp.
+    logits = _performer_logits(x, features)
+    return torch.exp(logits - logits.detach().amax(-1, keepdim=True)) / math.sqrt(features)
+
+
+def _performer_key(x: torch.Tensor, stabiliser: torch.Tensor | None,
+                   features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key features relative to one maximum per head (it cancels only if all keys share it), or to
+    ``stabiliser`` when that is larger (a decode step's new keys beside the prefix's)."""
+    logits = _performer_logits(x, features)
+    shared = logits.detach().amax((-2, -1), keepdim=True)
+    if stabiliser is not None:
+        shared = torch.maximum(shared, stabiliser)
+    return torch.exp(logits - shared) / math.sqrt(features), shared
 
 
 FEATURE_MAPS = [
@@ -89,19 +107,21 @@ FEATURE_MAPS = [
                summary="softmax of Q over features, of K over the sequence (Efficient Attention)"),
     FeatureMap("linear-taylor", taylor, taylor, lambda d: d + 1,
                summary="sim = 1 + q̂·k̂ (first-order Taylor of exp on L2-normalised q, k)"),
-    FeatureMap("performer",
-               lambda x, features: _performer(x, features, True),
-               lambda x, features: _performer(x, features, False),
+    FeatureMap("performer", _performer_query, lambda x, features: _performer_key(x, None, features)[0],
                lambda d, features: features, params={"features": 256},
                flops_per_token=lambda d, features: 2.0 * 2 * d * features,  # q and k projections
-               summary="FAVOR+ positive orthogonal random features"),
+               summary="FAVOR+ positive orthogonal random features", stabilised_key=_performer_key),
 ]
 
 
+def _map_params(fmap: FeatureMap, params: dict) -> dict:
+    """The feature map's own parameters: the impl's (``chunk``) are dropped, so the quadratic
+    reference takes the same parameters as every impl."""
+    return {name: value for name, value in params.items() if name in fmap.params}
+
+
 def _features(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, params: dict):
-    """φ(q), φ(k); parameters of the impl (``chunk``) are not the feature map's and are dropped, so
-    the quadratic reference takes the same parameters as every impl."""
-    own = {name: value for name, value in params.items() if name in fmap.params}
+    own = _map_params(fmap, params)
     return fmap.query(q, **own), fmap.key(k, **own)
 
 
@@ -177,12 +197,78 @@ def _work_chunked(n: int, f: int, d: int, causal: bool, params: dict) -> float:
 def _flops(fmap: FeatureMap, work: Callable[..., float]):
     def flops(point: Point) -> float:
         n, d = point.seq_len, point.head_dim
-        map_params = {k: v for k, v in point.params.items() if k in fmap.params}
+        map_params = _map_params(fmap, dict(point.params))
         f = fmap.width(d, **map_params)
         per_head = work(n, f, d, point.causal, point.params) + n * fmap.flops_per_token(d, **map_params)
         return point.batch * point.heads * per_head
 
     return flops
+
+
+# --- decoding: a fixed-size state ------------------------------------------------------------------
+
+@dataclass
+class LinearState:
+    """What a linear entry keeps of a prefix, at least float32: Σφ(k)vᵀ (b, h, f, d) and Σφ(k)
+    (b, h, f), with the stabiliser its key features are relative to (Performer; else None); and
+    where a step writes the state after its new tokens (the prefix's is left as it was)."""
+
+    kv: torch.Tensor
+    z: torch.Tensor
+    stabiliser: torch.Tensor | None
+    next_kv: torch.Tensor
+    next_z: torch.Tensor
+
+
+def _key_features(fmap: FeatureMap, k: torch.Tensor, stabiliser: torch.Tensor | None,
+                  params: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if fmap.stabilised_key is None:
+        return fmap.key(k, **_map_params(fmap, params)), None
+    return fmap.stabilised_key(k, stabiliser, **_map_params(fmap, params))
+
+
+def _state_bytes(fmap: FeatureMap, point: Point) -> int:
+    f = fmap.width(point.head_dim, **_map_params(fmap, dict(point.params)))
+    acc = torch.promote_types(point.torch_dtype, torch.float32)
+    per_head = (f * point.head_dim + f) * acc.itemsize
+    return point.batch * point.heads * per_head
+
+
+def linear_decoder(fmap: FeatureMap) -> Decoder:
+    """The recurrent form: the state updated by the new tokens, then read out (causally among
+    several new tokens)."""
+    def prefill(k: torch.Tensor, v: torch.Tensor, *, q_len: int, **params) -> LinearState:
+        fk, stabiliser = _key_features(fmap, k, None, params)
+        acc = torch.promote_types(v.dtype, torch.float32)
+        kv, z = (fk.transpose(-2, -1) @ v).to(acc), fk.sum(-2).to(acc)
+        return LinearState(kv, z, stabiliser, torch.empty_like(kv), torch.empty_like(z))
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState, **params) -> torch.Tensor:
+        fq = fmap.query(q, **_map_params(fmap, params))
+        fk, stabiliser = _key_features(fmap, k, state.stabiliser, params)
+        kv, z = state.kv, state.z
+        if stabiliser is not None:  # new keys may raise the stabiliser: the prefix's sums follow
+            rescale = torch.exp(state.stabiliser - stabiliser).to(kv.dtype)
+            kv, z = kv * rescale, z * rescale[..., 0]
+        torch.add(kv, (fk.transpose(-2, -1) @ v).to(kv.dtype), out=state.next_kv)
+        torch.add(z, fk.sum(-2).to(z.dtype), out=state.next_z)
+        inside = (fq @ fk.transpose(-2, -1)).tril()  # the new tokens among themselves
+        numerator = fq @ kv.to(fq.dtype) + inside @ v
+        normaliser = fq @ z.to(fq.dtype).unsqueeze(-1) + inside.sum(-1, keepdim=True)
+        return numerator / (normaliser + EPS)
+
+    def bytes_moved(point: Point) -> int:
+        tokens = 4 * point.batch * point.heads * point.q_len * point.head_dim * point.torch_dtype.itemsize
+        return 2 * _state_bytes(fmap, point) + tokens  # state read and written; q, k, v read, output written
+
+    def flops(point: Point) -> float:
+        d, q = point.head_dim, point.q_len
+        f = fmap.width(d, **_map_params(fmap, dict(point.params)))
+        per_token = fmap.flops_per_token(d, **_map_params(fmap, dict(point.params))) + 6.0 * f * d
+        return point.batch * point.heads * (q * per_token + 2.0 * q * q * (f + d))
+
+    return Decoder(prefill, step, lambda point: _state_bytes(fmap, point), bytes_moved, flops,
+                   "eager recurrent state step")
 
 
 _IMPLS = {
@@ -205,5 +291,6 @@ for _fmap in FEATURE_MAPS:
             _fmap.name, _impl, "linear", _make(_fmap), _quadratic(_fmap), _flops(_fmap, _work),
             params={**_fmap.params, **_extra},
             caps=Capabilities(causal=frozenset(_causal), causal_reason=_why),
+            decoder=linear_decoder(_fmap) if True in _causal else None,
             kernel=functools.partial(lambda p, impl: f"eager {impl}", impl=_impl),
             summary=_fmap.summary))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .linear import EPS, FEATURE_MAPS, FeatureMap
+from .linear import EPS, FEATURE_MAPS, FeatureMap, linear_decoder
 from .registry import DEFAULT_TOLERANCE, Capabilities, Entry, Point, get, register
 
 FLA_OP = "fla.ops.linear_attn.chunk_linear_attn"  # what runs, and what the kernel column says
@@ -86,7 +86,7 @@ def availability(point: Point) -> str | None:
     if point.dtype == "float16":
         return (f"fla normalises in the input dtype, and in float16 its normaliser φ(q)·Σφ(k)·{SCALE:g} "
                 "(scaled to set ε) falls into subnormals")
-    if point.dtype == "bfloat16" and point.mode != "fwd" and point.head_dim % 2:
+    if point.dtype == "bfloat16" and point.needs_grad and point.head_dim % 2:
         return f"head_dim={point.head_dim}: fla's 16-bit backward (chunk_bwd_dv) asserts an even value width"
     return None
 
@@ -103,4 +103,5 @@ for _fmap in FEATURE_MAPS:
     register(Entry(
         _fmap.name, "fla", "linear", _forward(_fmap), _chunked.reference, _flops(_chunked),
         params=dict(_fmap.params), caps=CAPS, availability=availability, kernel=lambda p: FLA_OP,
+        decoder=linear_decoder(_fmap),
         tolerance=TOLERANCE, summary=f"{_fmap.summary}, causal through fla's chunk_linear_attn (Triton)"))

@@ -5,7 +5,8 @@ Everything else is derived from that one function, so the forms can never disagr
 * :func:`dense_mask` — the ``(n, n)`` boolean mask (tests, masked-dense impls);
 * :func:`block_mask` — the FlexAttention ``BlockMask`` (cached per shape);
 * :func:`xformers_bias` — the xformers ``attn_bias`` where xformers has a class for the pattern;
-* :func:`allowed_per_row` — exact counts of allowed entries (for FLOPs).
+* :func:`allowed_per_row` — exact counts of allowed entries (for FLOPs);
+* :func:`reachable_keys` — the prefix positions later queries can still reach (decode caches).
 
 Factories follow attention-gym: one small function per pattern, returning a mask function whose
 ``__name__`` carries its parameters (``local_w256``, ``atrous_r4_causal``).
@@ -33,6 +34,9 @@ class Pattern:
     mask: MaskFn
     # The xformers attn_bias expressing the pattern; None when xformers has no such class.
     xformers: BiasSpec | None = None
+    # Every pattern here depends on i − j only, and on it through a period: the queries i in
+    # [n, n + period) reach every key that any later query reaches (what a decode cache must keep).
+    period: int = 1
 
 
 def _named(fn: MaskFn, name: str) -> MaskFn:
@@ -86,6 +90,12 @@ PATTERNS: dict[str, Callable[..., tuple[MaskFn, BiasSpec | None]]] = {
     "atrous": lambda rate, causal_: (atrous(rate), None),
     "strided": lambda window, rate, causal_: (or_masks(local(window), atrous(rate)), None),
 }
+# The period of each pattern's rule in i − j (1: reach only shrinks as i grows).
+PERIODS: dict[str, Callable[..., int]] = {
+    "local": lambda window: 1,
+    "atrous": lambda rate: rate,
+    "strided": lambda window, rate: rate,
+}
 
 
 @functools.lru_cache(maxsize=256)
@@ -98,7 +108,10 @@ def pattern(kind: str, causal_: bool, **params: int) -> Pattern:
     base, bias = PATTERNS[kind](causal_=causal_, **params)
     fn = and_masks(base, causal()) if causal_ else base
     name = f"{base.__name__}_causal" if causal_ else base.__name__
-    return Pattern(name=name, mask=_named(fn, name), xformers=bias)
+    return Pattern(name=name, mask=_named(fn, name), xformers=bias, period=PERIODS[kind](**params))
+
+
+FULL_CAUSAL = Pattern("causal", causal())  # standard causal attention, as a pattern (decode caches)
 
 
 def dense_mask(mask: MaskFn, n_q: int, n_kv: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -167,3 +180,15 @@ def allowed_per_row(pattern_: Pattern, n: int, rows_per_chunk: int = 1024) -> to
         q_idx = torch.arange(start, min(n, start + rows_per_chunk))[:, None]
         counts[start:start + q_idx.shape[0]] = pattern_.mask(q_idx, kv_idx).expand(-1, n).sum(-1)
     return counts
+
+
+@functools.lru_cache(maxsize=64)
+def reachable_keys(pattern_: Pattern, n: int, rows_per_chunk: int = 64) -> torch.Tensor:
+    """Positions j < n of a prefix that some query i ≥ n may attend to (int64, ascending): what a
+    decode cache keeps. The queries [n, n + period) decide it (see :attr:`Pattern.period`)."""
+    keys = torch.arange(n)[None, :]
+    reached = torch.zeros(n, dtype=torch.bool)
+    for start in range(n, n + pattern_.period, rows_per_chunk):
+        q_idx = torch.arange(start, min(n + pattern_.period, start + rows_per_chunk))[:, None]
+        reached |= pattern_.mask(q_idx, keys).expand(q_idx.shape[0], n).any(0)
+    return reached.nonzero().flatten()

@@ -9,9 +9,12 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .decode import Decoder
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -19,7 +22,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-MODES = ("fwd", "bwd", "fwd_bwd")
+MODES = ("fwd", "bwd", "fwd_bwd", "decode")
+BACKWARD_MODES = ("bwd", "fwd_bwd")  # the modes that differentiate, so need inputs with gradients
 FAMILIES = ("standard", "sparse", "linear", "lowrank", "baseline")
 
 # Relative Frobenius error an impl may show against its float64 reference, per input dtype.
@@ -47,10 +51,15 @@ class Point:
     causal: bool = False
     mode: str = "fwd"
     params: Mapping[str, Any] = field(default_factory=dict)
+    q_len: int = 1  # decode: new tokens per step, against a prefix of seq_len tokens
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.mode in BACKWARD_MODES
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,11 @@ class Entry:
     kernel: Callable[[Point], str] | None = None  # which kernel really runs, for the results row
     tolerance: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
     summary: str = ""
+    decoder: Decoder | None = None  # generation against a cache (mode "decode"); None: not supported
+
+    def __post_init__(self) -> None:
+        if self.decoder is not None and True not in self.caps.causal:
+            raise ValueError(f"{self.name}: a decoder needs causal support (decoding is causal)")
 
     @property
     def name(self) -> str:
@@ -142,6 +156,8 @@ class Entry:
     def unsupported(self, point: Point) -> str | None:
         """A human reason when this entry cannot run ``point`` here, else None."""
         reason = self.caps.reason(point)
+        if reason is None and point.mode == "decode" and self.decoder is None:
+            reason = f"{self.name} has no decode path"
         if reason is None and self.availability is not None:
             reason = self.availability(replace(point, params=self.resolve(point.params)))
         return reason

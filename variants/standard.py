@@ -9,12 +9,16 @@ import functools
 import math
 import re
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
-from .masks import BiasSpec, make_xformers_bias
+from .decode import Attend, eager_attend, kv_decoder
+from .masks import FULL_CAUSAL, BiasSpec, make_xformers_bias
 from .reference import exact_attention
 from .registry import Capabilities, Entry, Point, register
 
@@ -76,7 +80,7 @@ def _probe_sdpa(backend: SDPBackend, device: str, dtype: str, head_dim: int, cau
 
 def _sdpa_availability(backend: SDPBackend):
     def availability(point: Point) -> str | None:
-        grad = point.mode != "fwd"
+        grad = point.needs_grad
         return _probe_sdpa(backend, point.device, point.dtype, point.head_dim, point.causal, grad)
 
     return availability
@@ -90,12 +94,14 @@ _NO_OPERATOR = "xformers has no operator for this input: "
 
 
 def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       bias: BiasSpec | None) -> torch.Tensor:
-    """xformers ``memory_efficient_attention``; xformers wants (batch, seq, heads, head_dim)."""
+                       bias: BiasSpec | torch.Tensor | None) -> torch.Tensor:
+    """xformers ``memory_efficient_attention``; xformers wants (batch, seq, heads, head_dim). ``bias``
+    names one of its bias classes, or is an additive (batch, heads, queries, keys) tensor."""
     import xformers.ops as xops
 
+    attn_bias = bias if isinstance(bias, torch.Tensor) else make_xformers_bias(bias)
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          attn_bias=make_xformers_bias(bias))
+                                          attn_bias=attn_bias)
     return out.transpose(1, 2)
 
 
@@ -194,7 +200,7 @@ def xformers_operator_reasons(message: str, limit: int = XFORMERS_REASON_LIMIT) 
 
 def xformers_unsupported(point: Point, bias: BiasSpec | None) -> str | None:
     try:
-        xformers_operator(point.device, point.dtype, point.head_dim, bias, point.mode != "fwd")
+        xformers_operator(point.device, point.dtype, point.head_dim, bias, point.needs_grad)
         return None
     except Exception as exc:  # whatever xformers raises, the point is unsupported, with its words
         lead = xformers_build_mismatch(_xformers_load_exception())
@@ -203,8 +209,32 @@ def xformers_unsupported(point: Point, bias: BiasSpec | None) -> str | None:
 
 
 def xformers_kernel(point: Point, bias: BiasSpec | None) -> str:
-    op = xformers_operator(point.device, point.dtype, point.head_dim, bias, point.mode != "fwd")
+    op = xformers_operator(point.device, point.dtype, point.head_dim, bias, point.needs_grad)
     return f"xformers:{op}"
+
+
+# --- decoding: a KV cache of every prefix position ------------------------------------------------
+
+def _lower_right(mask: torch.Tensor | None) -> Any:
+    """Several new tokens see the cache and themselves up to the diagonal: the lower-right causal
+    triangle, as the bias object the fused kernels take (a boolean mask would rule them out)."""
+    return None if mask is None else causal_lower_right(*mask.shape)
+
+
+def _sdpa_attend(backend: SDPBackend) -> Attend:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any) -> torch.Tensor:
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    return attend
+
+
+def _xformers_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return xformers_attention(q, k, v, None if mask is None else ("LowerTriangularFromBottomRightMask", ()))
+
+
+def _decoder(attend: Attend, what: str, mask_of: Callable[[torch.Tensor | None], Any] = lambda mask: mask):
+    return kv_decoder(lambda params: FULL_CAUSAL, attend, f"{what} over the KV cache", mask_of)
 
 
 # --- registration --------------------------------------------------------------------------------
@@ -212,6 +242,7 @@ def xformers_kernel(point: Point, bias: BiasSpec | None) -> str:
 _SUMMARY = "softmax(QKᵀ/√d)V"
 register(Entry("standard", "eager", "standard", eager, reference, dense_flops,
                kernel=lambda p: "eager matmul+softmax+matmul",
+               decoder=_decoder(eager_attend, "eager matmul+softmax"),
                summary=f"{_SUMMARY}, explicit n×n scores"))
 
 _CUDA = frozenset({"cuda"})
@@ -223,6 +254,7 @@ for _impl, _backend, _caps in (
     register(Entry("standard", _impl, "baseline", _sdpa_forward(_backend), reference, dense_flops,
                    caps=_caps, availability=_sdpa_availability(_backend),
                    kernel=functools.partial(lambda p, b: f"sdpa:{b.name}", b=_backend),
+                   decoder=_decoder(_sdpa_attend(_backend), f"sdpa:{_backend.name}", _lower_right),
                    summary=f"{_SUMMARY} through torch SDPA restricted to {_backend.name}"))
 
 register(Entry("standard", "xformers", "baseline",
@@ -231,4 +263,5 @@ register(Entry("standard", "xformers", "baseline",
                caps=Capabilities(requires=("xformers",)),
                availability=lambda p: xformers_unsupported(p, causal_bias(p.causal)),
                kernel=lambda p: xformers_kernel(p, causal_bias(p.causal)),
+               decoder=_decoder(_xformers_attend, "xformers memory_efficient_attention"),
                summary=f"{_SUMMARY} through xformers memory_efficient_attention"))

@@ -40,9 +40,49 @@ MAX_PANELS = 6
 SUMMARY_PANELS = 3
 
 
+DECODE = "decode"  # the mode whose points have their own section (a step against a cache)
+
+
 def kernel_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    """Kernel points only: training rows (kind == "train") belong to their own section."""
+    """Kernel points only (decode points included): training rows (kind == "train") belong to their
+    own section."""
     return rows[rows["kind"] == "kernel"]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Ok points of one kind (full-sequence calls, or decode steps) aggregated into drawn panels,
+    their ratios against the baseline and their scaling fits."""
+
+    agg: pd.DataFrame
+    panels: Panels
+    ratio: pd.DataFrame
+    fits: pd.DataFrame
+
+
+def timings(ok: pd.DataFrame, baseline: str | None) -> Timings:
+    columns = panel_columns(ok)
+    agg, panels = choose_panels(aggregate(ok, columns), columns)
+    return Timings(agg, panels, ratios(agg, baseline), scaling(agg))
+
+
+def decode_table(decode: Timings) -> pd.DataFrame:
+    """Per (panel, series), at its largest length: step time, speed-up and cache size against the
+    best standard step there (family standard or baseline), achieved bandwidth, and the crossover."""
+    agg = decode.agg
+    if agg.empty:
+        return pd.DataFrame(columns=["panel", "series", "family", "seq_len", "time_ms", "speedup", "cache_bytes",
+                                     "cache_ratio", "gbps", "pct_bandwidth", "crossover"])
+    standard = best_per_point(agg, agg["family"].isin(STANDARD_FAMILIES), "std")
+    cache = agg[agg["family"].isin(STANDARD_FAMILIES)].groupby(["panel", "seq_len"])["cache_bytes"].min()
+    last = agg.loc[agg.groupby(["panel", "series"])["seq_len"].idxmax()].merge(standard, on=["panel", "seq_len"],
+                                                                               how="left")
+    last = last.assign(speedup=last["std_time"] / last["time_ms"],
+                       cache_ratio=last["cache_bytes"] / last.set_index(["panel", "seq_len"]).index.map(cache))
+    crossovers = decode.fits.set_index(["panel", "series"])["crossover"]
+    last["crossover"] = [crossovers.get((p, s)) for p, s in zip(last["panel"], last["series"], strict=True)]
+    return last[["panel", "series", "family", "seq_len", "time_ms", "speedup", "cache_bytes", "cache_ratio",
+                 "gbps", "pct_bandwidth", "crossover"]]
 
 
 def json_object(text: object) -> dict | None:
@@ -102,15 +142,14 @@ def aggregate(ok: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     point is noisy (or launch-bound) when any of its rows is. Everything plotted is drawn from this,
     never from rows."""
     frame = ok.assign(noisy=ok["noisy"].eq(True), launch_bound=ok["launch_bound"].eq(True),
-                      pct_peak=pd.to_numeric(ok["pct_peak"]))
+                      **{c: pd.to_numeric(ok[c]) for c in ("pct_peak", "cache_bytes", "gbps", "pct_bandwidth")})
     grouped = frame.groupby([*columns, "series", "family", "seq_len"], dropna=False, sort=True)
     # Split columns that are not panel keys take one value per point (that is why they are not keys).
     single = {c: (c, "first") for c in SPLIT_COLUMNS if c not in columns}
-    agg = grouped.agg(time_ms=("time_ms", "median"), time_ms_p20=("time_ms_p20", "median"),
-                      time_ms_p80=("time_ms_p80", "median"), peak_mem_bytes=("peak_mem_bytes", "median"),
-                      tflops=("tflops", "median"), pct_peak=("pct_peak", "median"),
-                      noisy=("noisy", "any"), launch_bound=("launch_bound", "any"), rows=("time_ms", "size"), devices=("device_name", "nunique"),
-                      **single)
+    medians = {c: (c, "median") for c in ("time_ms", "time_ms_p20", "time_ms_p80", "peak_mem_bytes", "tflops",
+                                          "pct_peak", "cache_bytes", "gbps", "pct_bandwidth")}
+    agg = grouped.agg(**medians, noisy=("noisy", "any"), launch_bound=("launch_bound", "any"),
+                      rows=("time_ms", "size"), devices=("device_name", "nunique"), **single)
     return agg.reset_index()
 
 
@@ -198,6 +237,13 @@ def device_peak(points: pd.DataFrame) -> float | None:
     known = points.dropna(subset=["pct_peak"])
     known = known[known["pct_peak"] > 0]
     return float((100 * known["tflops"] / known["pct_peak"]).median()) if len(known) else None
+
+
+def device_bandwidth(points: pd.DataFrame) -> float | None:
+    """The device bandwidth (GB/s) behind ``pct_bandwidth``, recovered from the rows where it is known."""
+    known = points.dropna(subset=["pct_bandwidth"])
+    known = known[known["pct_bandwidth"] > 0]
+    return float((100 * known["gbps"] / known["pct_bandwidth"]).median()) if len(known) else None
 
 
 def best_pct_peak(agg: pd.DataFrame, panels: Panels) -> pd.DataFrame:

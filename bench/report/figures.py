@@ -348,6 +348,32 @@ def throughput_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Seq
 
 
 @_styled
+def decode_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Sequence[str],
+                  peak_gbps: float | None) -> str:
+    """Decode steps against the cache length n, log–log: time per step, the cache's size and the
+    bandwidth the analytic bytes moved per step achieve (% of the device's on the right, if known)."""
+    labels = [_text(s) for s in order if s in set(data["series"])]
+    canvas, (time_ax, cache_ax, rate_ax) = _line_canvas(labels, 3, PLOT_WIDTH, LEFT)
+    handles = _series_lines(time_ax, data, "time_ms", style_of, True, spread=("time_ms_p20", "time_ms_p80"))
+    handles |= _series_lines(cache_ax, data, "cache_bytes", style_of, False, scale=MIB)
+    handles |= _series_lines(rate_ax, data, "gbps", style_of, True)
+    for ax, label, title in ((time_ax, "time per step (ms, median)", "Time per step"),
+                             (cache_ax, "cache for the prefix (MiB)", "Cache"),
+                             (rate_ax, "GB/s (bytes moved ÷ time)", "Memory traffic")):
+        _length_axis(ax, data["seq_len"], "cache length n (tokens)")
+        _log_y(ax)
+        ax.set_ylabel(label)
+        ax.set_title(title, loc="left")
+    if peak_gbps:
+        right = rate_ax.secondary_yaxis("right", functions=(lambda g: 100 * g / peak_gbps,
+                                                              lambda p: p * peak_gbps / 100))
+        _plain_log_labels(right.yaxis)
+        right.set_ylabel(f"% of bandwidth ({peak_gbps / 1e3:g} TB/s)")
+    canvas.legend(*_legend_entries(handles, order))
+    return _svg(canvas.fig)
+
+
+@_styled
 def accumulation_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Sequence[str]) -> str:
     """Step time (median, p20–p80 bars) and peak memory of one training step against the number of
     accumulated micro-batches k (log₂), one line per setting (column ``series``)."""

@@ -39,7 +39,7 @@ class Report:
 
     rows: pd.DataFrame  # every row read, all kinds
     kernel: pd.DataFrame  # kind == "kernel", with a ``series`` column
-    agg: pd.DataFrame  # ok kernel points aggregated per (panel, series, n), drawn panels only
+    agg: pd.DataFrame  # ok full-sequence kernel points aggregated per (panel, series, n), drawn panels only
     panels: Panels
     baseline: str | None  # the series chosen with --baseline, None for the best baseline
     ratio: pd.DataFrame
@@ -48,6 +48,7 @@ class Report:
     order: list[str]  # series in legend/table order
     train: pd.DataFrame  # kind == "train", with ``series`` and ``study`` columns
     studies: list[training.Study]
+    decode: analysis.Timings  # ok decode points, aggregated the same way
     profiles: Mapping[str, str] = field(default_factory=dict)  # point key -> profile folder
     links_from: Path | None = None  # the report's folder: local links are relative to it
 
@@ -87,16 +88,17 @@ def prepare(rows: pd.DataFrame, baseline: str | None = None, profiles: Mapping[s
     kernel = analysis.with_series(analysis.kernel_rows(rows))
     chosen = analysis.resolve_baseline(kernel, baseline)
     ok = kernel[(kernel["status"] == "ok") & kernel["time_ms"].notna()]
-    columns = analysis.panel_columns(ok)
-    agg, panels = analysis.choose_panels(analysis.aggregate(ok, columns), columns)
+    decoding = ok["mode"].eq(analysis.DECODE)
+    full = analysis.timings(ok[~decoding], chosen)
     families = kernel[["series", "family"]].drop_duplicates("series")
     family_of = dict(sorted(zip(families["series"], families["family"], strict=True),
                             key=lambda sf: figures.legend_key(*sf)))
     train = training.train_rows(rows)
-    return Report(rows=rows, kernel=kernel, agg=agg, panels=panels, baseline=chosen,
-                  ratio=analysis.ratios(agg, chosen), fits=analysis.scaling(agg),
-                  style_of=figures.styles(family_of, chosen), order=list(family_of), train=train,
-                  studies=training.studies(train), profiles=dict(profiles or {}), links_from=links_from)
+    return Report(rows=rows, kernel=kernel, agg=full.agg, panels=full.panels, baseline=chosen,
+                  ratio=full.ratio, fits=full.fits, style_of=figures.styles(family_of, chosen),
+                  order=list(family_of), train=train, studies=training.studies(train),
+                  decode=analysis.timings(ok[decoding], chosen), profiles=dict(profiles or {}),
+                  links_from=links_from)
 
 
 # --- templates -----------------------------------------------------------------------------------
@@ -239,6 +241,25 @@ work) ÷ median time. {{ peak_note }} {{ reference_note }}</p>
 <table><tr><th>panel</th><th>series</th><th>n</th><th>TFLOP/s</th><th>% of peak</th></tr>
 {% for r in peaks %}<tr><td>{{ r.panel }}</td><td class="name">{{ series(r.series, styles) }}</td><td class="num">{{ '{:,}'.format(r.seq_len) }}</td>
 <td class="num">{{ r.tflops | sig }}</td><td class="num">{{ r.pct_peak | sig }} %</td></tr>{% endfor %}</table>{% endif %}""",
+    "decode": """{% from "macros" import series %}
+<p class="note">Generation: each step takes the new token(s) of every sequence in the batch against a cache
+of n earlier tokens — the keys and values a softmax variant keeps (all of them for standard, atrous and
+strided attention, the last <i>w</i> for local), or the fixed-size state of a linear one — and is timed
+like any call. Cache: bytes kept for the prefix. Memory traffic: the analytic bytes a step must read and
+write (cache or state, new keys and values, queries and outputs) ÷ its time, with % of the device's
+datasheet bandwidth where it is known (never guessed). Speed-up and cache ratio are against the best
+standard (softmax) step at the same n; the crossover is the cache length from which the variant's step is
+faster than the best standard one.</p>
+{% for item in items %}<h3>{{ item.title }}</h3>
+<figure class="panel" data-panel="{{ item.title }}">{{ item.svg }}</figure>
+<table><tr><th>series</th><th>n</th><th>time per step</th><th>speed-up</th><th>cache</th><th>cache ratio</th>
+<th>GB/s</th><th>% of bandwidth</th><th>faster than standard from</th></tr>
+{% for r in item.rows %}<tr><td class="name">{{ series(r.series, styles) }}</td><td class="num">{{ '{:,}'.format(r.seq_len) }}</td>
+<td class="num">{{ r.time_ms | sig }} ms</td><td class="num">{{ r.speedup | times }}</td>
+<td class="num">{{ r.cache_bytes | bytes }}</td><td class="num">{{ r.cache_ratio | times }}</td>
+<td class="num">{{ r.gbps | sig }}</td><td class="num">{% if r.pct_bandwidth is not none %}{{ r.pct_bandwidth | sig }} %{% else %}—{% endif %}</td>
+<td>{{ r.crossover or '—' }}</td></tr>{% endfor %}</table>{% endfor %}
+{% if omitted %}<p class="note">Not drawn: {{ omitted | join('; ') }}.</p>{% endif %}""",
     "quality": """{% from "macros" import series %}
 <p class="note">err ref: relative error of the output against the variant's own float64 reference (the
 correctness check); err softmax: relative error against exact softmax attention on the same inputs
@@ -472,6 +493,20 @@ def quality_section(report: Report) -> Section:
     return Section("quality", "Quality", body)
 
 
+def decode_section(report: Report) -> Section | None:
+    decode = report.decode
+    if decode.agg.empty:
+        return None
+    table = analysis.decode_table(decode)
+    items = []
+    for title in decode.panels.titles:
+        data = decode.agg[decode.agg["panel"] == title]
+        svg = Markup(figures.decode_figure(data, report.style_of, report.order, analysis.device_bandwidth(data)))
+        items.append({"title": title, "svg": svg, "rows": _records(report.in_order(table[table["panel"] == title]))})
+    body = _render("decode", items=items, styles=report.style_of, omitted=decode.panels.omitted)
+    return Section("decode", "Decoding: one step against a cache", body)
+
+
 def _href(path: Path, base: Path | None) -> str:
     """A link to a local file that opens offline: relative to the report's folder (it survives moving
     the two together), or a file:// URI where there is no relative path (another drive)."""
@@ -567,7 +602,8 @@ def problems_section(report: Report) -> Section:
 
 
 SECTIONS: list[SectionBuilder] = [overview_section, scaling_plots_section, ratios_section, exponents_section,
-                                  throughput_section, quality_section, profiles_section, train_quality_section,
+                                  throughput_section, decode_section, quality_section, profiles_section,
+                                  train_quality_section,
                                   accumulation_section, sharing_section, gelu_section, problems_section]
 
 
