@@ -55,7 +55,7 @@ CUDA_ENTRIES = ("standard/sdpa-flash", "standard/sdpa-cudnn", "standard/xformers
 CUDA_SHAPE = {"batch": 4, "heads": 16, "seq_len": 4096, "head_dim": 128, "dtype": "bfloat16"}
 # CPU: float32 points that take 5–50 ms on a 2-core machine (entry, mode, causal, seq_len).
 CPU_POINTS = (("standard/sdpa-flash", "fwd", False, 2048), ("standard/eager", "fwd", False, 1024),
-              ("standard/sdpa-math", "fwd_bwd", True, 512), ("local/blocked", "fwd", False, 8192),
+              ("standard/sdpa-math", "fwd_bwd", True, 512), ("local/blocked", "fwd", False, 4096),
               ("linear-elu1/linear", "fwd", False, 16384), ("linear-elu1/chunked", "fwd_bwd", True, 2048),
               ("performer/linear", "fwd", False, 4096))
 CPU_SHAPE = {"batch": 1, "heads": 4, "head_dim": 64, "dtype": "float32"}
