@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -481,21 +482,25 @@ def doctor_command(
 def _print_doctor(report) -> None:
     low, high = report.bounds
     independent = "do_bench" if report.device.startswith("cuda") else "blocked_autorange"
-    table = Table(title=f"timer check on {report.device}: harness median / {independent} median (ms), "
-                        f"within {low:g}-{high:g}")
-    for column in ("entry", "mode", "causal", "harness", "independent", "ratio", "p80/p20", ""):
-        table.add_column(column, justify="left" if column in ("entry", "mode", "") else "right",
-                         no_wrap=column != "", overflow="fold")
+    table = Table(title=f"timer check on {report.device}: harness ÷ {independent}, median of the pairs' "
+                        f"ratios, within {low:g}-{high:g}", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("entry", overflow="fold")
+    table.add_column("mode")
+    for column in ("harness ms", "indep. ms", "ratio", "p80/p20"):
+        table.add_column(column, justify="right", no_wrap=True)
     for v in report.verdicts:
         p = v.probe.point
+        mode = p.mode + (" causal" if p.causal else "")
         if v.skipped:
-            table.add_row(escape(v.probe.entry), p.mode, str(p.causal), "", "", "", "",
-                          f"[yellow]skipped[/]: {escape(v.skipped)}")
+            table.add_row(escape(v.probe.entry), mode, "", "", "skipped", "")
             continue
-        ok = "ok" if v.within(report.bounds) else "[bold red]OUT[/]"
-        table.add_row(escape(v.probe.entry), p.mode, str(p.causal), f"{v.harness_ms:.4g}",
-                      f"{v.independent_ms:.4g}", f"{v.ratio:.3f}", f"{v.spread:.2f}", ok)
+        ratio = f"{v.ratio:.3f}" if v.within(report.bounds) else f"[bold red]{v.ratio:.3f}[/]"
+        table.add_row(escape(v.probe.entry), mode, f"{v.harness_ms:.4g}", f"{v.independent_ms:.4g}", ratio,
+                      f"{v.spread:.2f}")
     out.print(table)
+    for v in report.verdicts:
+        if v.skipped:
+            out.print(f"skipped {escape(v.probe.label)}: {escape(v.skipped)}", highlight=False)
     out.print("healthy" if report.healthy else "[bold red]the timer disagrees (or nothing could be measured)[/]")
 
 
