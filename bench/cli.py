@@ -85,7 +85,7 @@ def list_command(
         reasons = {}
         for causal in (False, True):
             point = variants.Point(device=device, dtype=dtype, causal=causal, params=entry.resolve())
-            reasons["causal" if causal else "non-causal"] = entry.unsupported(point)
+            reasons["causal" if causal else "non-causal"] = "; ".join(entry.not_supported_reasons(point)) or None
         runnable = [k for k, r in reasons.items() if r is None]
         distinct = set(reasons.values())
         # One reason for both maskings is said once (the xformers build mismatch, a missing package).
@@ -382,7 +382,7 @@ def profile_command(
     settings = replace(PROFILE_SETTINGS, cuda_graph=cuda_graph)
     runnable, skipped = [], []
     for task in plan.expand(spec, resolve_device(spec.device)):
-        reason = variants.get(task.variant, task.impl).unsupported(task.point)
+        reason = "; ".join(variants.get(task.variant, task.impl).not_supported_reasons(task.point))
         (skipped if reason else runnable).append((task, reason))
     # Everything is checked before anything runs: a named impl that cannot run, or a variant none of
     # whose impls can, is bad input.

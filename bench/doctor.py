@@ -20,8 +20,7 @@ import torch
 import variants
 from variants.registry import Point
 
-from .measure import make_call, measure
-from .spec import MeasureSettings
+from .measure import MeasureSettings, make_call, measure
 from .timers import Call, timed_form
 
 # Harness median / independent median allowed per device type.
@@ -131,9 +130,9 @@ class Verdict:
 def check_probe(probe: Probe, settings: MeasureSettings, independent: IndependentTimer) -> Verdict:
     """The harness and the independent timer in turns, :data:`PAIRS` times, on the same inputs."""
     entry = variants.get(probe.entry)
-    reason = entry.unsupported(probe.point)
-    if reason:
-        return Verdict(probe, skipped=reason)
+    reasons = entry.not_supported_reasons(probe.point)
+    if reasons:
+        return Verdict(probe, skipped="; ".join(reasons))
     harness, other, spreads = [], [], []
     for _ in range(PAIRS):
         row = measure(entry, probe.point, settings)

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from variants.registry import is_int_at_least
+
 from .errors import BadInput
 from .runner import RunnableTask, RunSpec, run_sweep
 from .store import existing_keys, read_results
@@ -41,10 +43,9 @@ class SlurmOptions:
         options = replace(cls(**table), **{k: v for k, v in flags.items() if v is not None})
         for name in ("time_min", "cpus_per_task", "shard_size"):
             value = getattr(options, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int_at_least(value, 1):
                 raise BadInput(f"slurm {name}={value!r} must be a positive integer")
-        if isinstance(options.gpus_per_node, bool) or not isinstance(options.gpus_per_node, int) \
-                or options.gpus_per_node < 0:
+        if not is_int_at_least(options.gpus_per_node, 0):
             raise BadInput(f"slurm gpus_per_node={options.gpus_per_node!r} must be a non-negative integer")
         return options
 

@@ -34,10 +34,24 @@ import variants
 from variants.registry import Entry, Point
 
 from .env import clock_and_throttle, device_name, peak_bandwidth, peak_tflops
-from .spec import MeasureSettings
 from .timers import Call, cold_call_ms, percentile, repetitions, timed_form, warm_up
 
 SEED = 0
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """Repetition policy: warm up for ``warmup_s``, then time until ``target_s`` of timed calls or
+    ``max_reps``, never fewer than ``min_reps``. A point whose p80/p20 exceeds ``noisy_spread`` is flagged."""
+
+    warmup_s: float = 0.05
+    target_s: float = 0.1
+    min_reps: int = 5
+    max_reps: int = 200
+    noisy_spread: float = 1.10
+    check_len: int = 1024  # sequence length of the float64 correctness slice
+    max_mem_gb: float | None = None  # address-space limit of the worker process (CPU)
+    cuda_graph: bool = False  # time a CUDA graph's replay (launch overhead left out) where capture works
 
 
 # --- inputs and calls ----------------------------------------------------------------------------
@@ -166,7 +180,7 @@ class Workload:
 
 def _kernel_workload(factor: float) -> Workload:
     return Workload(_kernel_call, _kernel_outputs, lambda entry, point: entry.flops(point) * factor,
-                    lambda entry, point: entry.kernel(point) if entry.kernel else None)
+                    lambda entry, point: entry.kernel_name(point) if entry.kernel_name else None)
 
 
 # FLOPs of a mode relative to the forward (FlashAttention convention: backward = 2.5 × forward).
@@ -270,9 +284,9 @@ def measure(entry: Entry, point: Point, settings: MeasureSettings) -> dict[str, 
     """The measured columns of one point's row: status, reason, kernel, timing, memory, work, quality."""
     row: dict[str, Any] = {}
     try:
-        reason = entry.unsupported(point)
-        if reason:
-            return {"status": "unsupported", "reason": reason}
+        reasons = entry.not_supported_reasons(point)
+        if reasons:
+            return {"status": "unsupported", "reason": "; ".join(reasons)}
         workload = WORKLOADS[point.mode]
         row["kernel"] = workload.kernel(entry, point)
         row["err_ref"], row["err_softmax"], failure = check(entry, point, settings.check_len)

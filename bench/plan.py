@@ -11,7 +11,8 @@ from typing import Any
 import variants
 from variants.registry import Point
 
-from .spec import MeasureSettings, SweepSpec
+from .measure import MeasureSettings
+from .spec import SweepSpec
 from .store import point_key
 
 DECODE = "decode"  # the mode with a cache: causal by definition, q_len new tokens per step

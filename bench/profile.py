@@ -61,9 +61,8 @@ from variants.registry import Entry, Point
 from .compat import cuda_memory_history, linked_correlation_id, memory_trace_plot
 from .env import environment
 from .errors import BadInput
-from .measure import make_call, measure
+from .measure import MeasureSettings, make_call, measure
 from .plan import Task
-from .spec import MeasureSettings
 from .timers import Call, Timer, timer_for, warm_up
 
 STEP_LABEL = "attnbench::step"
@@ -284,9 +283,9 @@ def profile_point(target: Task | tuple[Entry, Point], out_dir: Path, *, steps: i
     else:
         entry, point = target
     point = replace(point, params=entry.resolve(point.params))
-    reason = entry.unsupported(point)
-    if reason:
-        raise BadInput(f"{entry.name} cannot run {shape_slug(point)}: {reason}")
+    reasons = entry.not_supported_reasons(point)
+    if reasons:
+        raise BadInput(f"{entry.name} cannot run {shape_slug(point)}: {'; '.join(reasons)}")
     if steps < 1:
         raise BadInput(f"steps: {steps!r} must be a positive integer")
     row = measure(entry, point, settings)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from variants.registry import Point
 
-from .spec import MeasureSettings
+from .measure import MeasureSettings
 from .store import clean_temp_files, existing_keys, run_dir, write_rows
 
 POLL_S = 0.2

@@ -40,29 +40,15 @@ from typing import Any
 import torch
 
 import variants
-from variants.registry import DTYPES, MODES
+from variants.registry import DTYPES, MODES, is_int_at_least
 
 from .errors import BadInput
+from .measure import MeasureSettings
 
 # Sizes past these are typos, not experiments (and would overflow index arithmetic or the allocator).
 LIMITS = {"seq_lens": 1 << 22, "batch_sizes": 1 << 16, "heads": 1024, "head_dims": 1024,
           "tokens": 1 << 26, "hidden": 1 << 16, "q_len": 1 << 12}
 DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class MeasureSettings:
-    """Repetition policy: warm up for ``warmup_s``, then time until ``target_s`` of timed calls or
-    ``max_reps``, never fewer than ``min_reps``. A point whose p80/p20 exceeds ``noisy_spread`` is flagged."""
-
-    warmup_s: float = 0.05
-    target_s: float = 0.1
-    min_reps: int = 5
-    max_reps: int = 200
-    noisy_spread: float = 1.10
-    check_len: int = 1024  # sequence length of the float64 correctness slice
-    max_mem_gb: float | None = None  # address-space limit of the worker process (CPU)
-    cuda_graph: bool = False  # time a CUDA graph's replay (launch overhead left out) where capture works
 
 
 @dataclass(frozen=True)
@@ -242,7 +228,7 @@ def _positive_ints(name: str, values: Any, label: str | None = None) -> None:
     if not values:
         raise BadInput(f"{label} is empty")
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_int_at_least(value, 1):
             raise BadInput(f"{label}: {value!r} is not a positive integer")
         if value > LIMITS[name]:
             raise BadInput(f"{label}: {value} is larger than the limit {LIMITS[name]}")
@@ -343,9 +329,9 @@ def _validate_params(spec: SweepSpec) -> None:
             continue  # a whole variant: impls that cannot take a head dim get `unsupported` rows
         caps = variants.get(selector).caps
         for head_dim in spec.head_dims:
-            reason = caps.head_dim_reason(head_dim)
-            if reason:
-                raise BadInput(f"{selector} cannot take head_dim={head_dim}: {reason}")
+            reasons = caps.head_dim_reasons(head_dim)
+            if reasons:
+                raise BadInput(f"{selector} cannot take head_dim={head_dim}: {'; '.join(reasons)}")
 
 
 def finite_number(value: Any) -> bool:
@@ -360,7 +346,7 @@ def _validate_measure(m: MeasureSettings) -> None:
             raise BadInput(f"measure.{name}: {value!r} must be a non-negative number")
     for name in ("min_reps", "max_reps", "check_len"):
         value = getattr(m, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_int_at_least(value, 1):
             raise BadInput(f"measure.{name}: {value!r} must be a positive integer")
     if m.min_reps > m.max_reps:
         raise BadInput(f"measure.min_reps={m.min_reps} exceeds measure.max_reps={m.max_reps}")

@@ -43,8 +43,8 @@ from variants.model import GELUS, SHARING, ModelConfig, TinyLM, gelu_max_abs_err
 from variants.registry import Point
 
 from .errors import BadInput
-from .measure import failure_row, peak_memory
-from .spec import MeasureSettings, finite_number, read_toml
+from .measure import MeasureSettings, failure_row, peak_memory
+from .spec import finite_number, read_toml
 from .store import point_key
 from .tasks import IGNORE, TASKS
 from .timers import Call, percentile
@@ -252,8 +252,8 @@ class TrainTask:
 
     def execute(self, settings: MeasureSettings) -> dict[str, Any]:
         try:
-            reason = variants.get(self.variant, self.impl).unsupported(self.point)
-            return {"status": "unsupported", "reason": reason} if reason else train(self)
+            reasons = variants.get(self.variant, self.impl).not_supported_reasons(self.point)
+            return {"status": "unsupported", "reason": "; ".join(reasons)} if reasons else train(self)
         except Exception as exc:  # a point's failure is a result, not a crash of the sweep
             return failure_row(exc)
 

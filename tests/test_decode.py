@@ -9,13 +9,13 @@ import zlib
 import pandas as pd
 import pytest
 import torch
+from support import why_not
 
 import variants
 from bench import plan, spec
 from bench.errors import BadInput
-from bench.measure import measure
+from bench.measure import MeasureSettings, measure
 from bench.report import render
-from bench.spec import MeasureSettings
 from bench.store import COLUMNS
 from variants import masks
 from variants.decode import kv_plan
@@ -41,7 +41,7 @@ def decode_point(entry: variants.Entry, n: int, q_len: int, dtype: str = "float6
 def decoding_entries() -> list[variants.Entry]:
     """Entries with a decoder that can run here (others are covered by the reason tests below)."""
     return [e for e in variants.entries() if e.decoder is not None
-            and e.unsupported(decode_point(e, 64, 1)) is None]
+            and why_not(e, decode_point(e, 64, 1)) is None]
 
 
 def tokens(tag: str, n: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
@@ -89,7 +89,7 @@ def test_every_family_that_can_be_causal_decodes_here():
 @pytest.mark.parametrize("name", ["linformer/projected", "linear-softmax-qk/linear", "linear-elu1/linear"])
 def test_non_causal_entries_refuse_decode_with_their_reason(name):
     entry = variants.get(name)
-    reason = entry.unsupported(decode_point(entry, 64, 1))
+    reason = why_not(entry, decode_point(entry, 64, 1))
     assert reason and reason.startswith("causal not supported:") and entry.decoder is None
 
 

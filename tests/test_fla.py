@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import why_not
 from typer.testing import CliRunner
 
 import variants
@@ -148,7 +149,7 @@ def test_layout_round_trips(fmap):
 def test_kernel_names_the_op_that_runs():
     for name in NAMES:
         entry = variants.get(name)
-        assert entry.kernel(Point(device="cuda", causal=True)) == linear_fla.FLA_OP
+        assert entry.kernel_name(Point(device="cuda", causal=True)) == linear_fla.FLA_OP
     assert linear_fla.FLA_OP == "fla.ops.linear_attn.chunk_linear_attn"
 
 
@@ -191,14 +192,14 @@ def gpu_present(monkeypatch):
 def test_cpu_gives_the_gpu_reason(name):
     entry = variants.get(name)
     for causal in (False, True):
-        reason = entry.unsupported(Point(device="cpu", causal=causal, params=entry.resolve()))
+        reason = why_not(entry, Point(device="cpu", causal=causal, params=entry.resolve()))
         assert "device=cpu" in reason and "Triton GPU kernels" in reason
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_non_causal_gives_its_reason(name, gpu_present):
     entry = variants.get(name)
-    reason = entry.unsupported(_cuda_point(entry, causal=False))
+    reason = why_not(entry, _cuda_point(entry, causal=False))
     assert reason.startswith("non-causal not supported") and "causal prefix" in reason
     with pytest.raises(ValueError, match="causal prefix"):
         entry(*inputs("fla-noncausal", 8, count=3), causal=False)
@@ -208,35 +209,35 @@ def test_missing_triton_or_cuda_gives_a_reason(monkeypatch):
     entry = variants.get("linear-elu1/fla")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
-    assert entry.unsupported(_cuda_point(entry)).startswith("triton not installed")
+    assert why_not(entry, _cuda_point(entry)).startswith("triton not installed")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert entry.unsupported(_cuda_point(entry)).startswith("no CUDA device")
+    assert why_not(entry, _cuda_point(entry)).startswith("no CUDA device")
 
 
 def test_missing_fla_gives_a_reason(monkeypatch):
     monkeypatch.setitem(sys.modules, "fla", None)  # find_spec answers None, as when not installed
     entry = variants.get("performer/fla")
-    assert entry.unsupported(_cuda_point(entry)) == "fla not installed (pip install 'attnbench[fla]')"
+    assert why_not(entry, _cuda_point(entry)) == "fla not installed (pip install 'attnbench[fla]')"
 
 
 def test_dtypes_and_head_dims(gpu_present):
     entry = variants.get("linear-taylor/fla")
     for dtype in ("float32", "bfloat16"):
         for mode in variants.MODES:
-            assert entry.unsupported(_cuda_point(entry, dtype=dtype, mode=mode)) is None, (dtype, mode)
-    assert "dtype=float64 not supported" in entry.unsupported(_cuda_point(entry, dtype="float64"))
-    assert "subnormals" in entry.unsupported(_cuda_point(entry, dtype="float16"))
+            assert why_not(entry, _cuda_point(entry, dtype=dtype, mode=mode)) is None, (dtype, mode)
+    assert "dtype=float64 not supported" in why_not(entry, _cuda_point(entry, dtype="float64"))
+    assert "subnormals" in why_not(entry, _cuda_point(entry, dtype="float16"))
     odd = Point(device="cuda", head_dim=63, causal=True, dtype="bfloat16", mode="fwd_bwd")
-    assert "even value width" in entry.unsupported(odd)
-    assert entry.unsupported(Point(device="cuda", head_dim=63, causal=True, dtype="float32", mode="fwd_bwd")) is None
+    assert "even value width" in why_not(entry, odd)
+    assert why_not(entry, Point(device="cuda", head_dim=63, causal=True, dtype="float32", mode="fwd_bwd")) is None
 
 
 def test_registry_imports_without_fla_or_triton():
     code = ("import sys; sys.modules['fla'] = sys.modules['triton'] = None\n"
             "import variants\n"
             "for name in " + repr(NAMES) + ":\n"
-            "    print(variants.get(name).unsupported(variants.Point(device='cuda', causal=True)))\n")
+            "    print('; '.join(variants.get(name).not_supported_reasons(variants.Point(device='cuda', causal=True))))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["fla not installed (pip install 'attnbench[fla]')"] * len(NAMES)
@@ -261,7 +262,7 @@ def test_bench_list_rows_carry_the_reasons():
 def test_gpu_kernel_matches_float64_reference(name, dtype):
     entry = variants.get(name)
     n, d = 231, 64
-    assert entry.unsupported(Point(device="cuda", head_dim=d, seq_len=n, causal=True, dtype=dtype,
+    assert why_not(entry, Point(device="cuda", head_dim=d, seq_len=n, causal=True, dtype=dtype,
                                    mode="fwd_bwd", params=entry.resolve())) is None
     q, k, v, upstream = (t.cuda() for t in inputs(f"fla-gpu-{name}", n, d=d))
     expected, expected_grads = grads(entry.reference, (q, k, v), upstream, causal=True, **entry.resolve())

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from support import why_not
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, record_function
@@ -22,7 +23,7 @@ from typer.testing import CliRunner
 
 import variants
 from bench.cli import app
-from bench.measure import make_call
+from bench.measure import MeasureSettings, make_call
 from bench.profile import (
     GLUE_ROW,
     STEP_LABEL,
@@ -32,7 +33,6 @@ from bench.profile import (
     record_memory_snapshot,
     write_memory_files,
 )
-from bench.spec import MeasureSettings
 from bench.timers import Call
 
 EAGER_512 = ["standard/eager", "--seq-len", "512", "--batch-size", "1", "--heads", "4", "--head-dim", "64",
@@ -196,10 +196,10 @@ def cpu_point(**kw) -> variants.Point:
 
 
 def test_unsupported_point_exits_2_with_its_reason(tmp_path):
-    entry = next((e for e in variants.entries() if e.unsupported(cpu_point(params=e.resolve()))), None)
+    entry = next((e for e in variants.entries() if why_not(e, cpu_point(params=e.resolve()))), None)
     if entry is None:
         pytest.skip("every registered impl runs on this CPU")
-    reason = entry.unsupported(cpu_point(params=entry.resolve()))
+    reason = why_not(entry, cpu_point(params=entry.resolve()))
     result = CliRunner().invoke(app, ["profile", entry.name, "--seq-len", "64", "--heads", "1", "--head-dim",
                                       "16", "--device", "cpu", "--out", str(tmp_path / "p")])
     assert result.exit_code == 2, result.output
@@ -210,8 +210,8 @@ def test_unsupported_point_exits_2_with_its_reason(tmp_path):
 def test_variant_alone_profiles_each_impl_that_can_run(tmp_path, single_thread):
     def split(variant):
         entries = variants.select(variant)
-        return [e for e in entries if not e.unsupported(cpu_point(params=e.resolve()))], \
-               [e for e in entries if e.unsupported(cpu_point(params=e.resolve()))]
+        return [e for e in entries if not why_not(e, cpu_point(params=e.resolve()))], \
+               [e for e in entries if why_not(e, cpu_point(params=e.resolve()))]
 
     # the variant with the fewest runnable impls that also has one that cannot run (fast, and covers both)
     candidates = [(len(split(v)[0]), v) for v in variants.variant_names() if all(split(v))]

@@ -301,13 +301,13 @@ def test_kernel_reports_what_runs(name, causal, params, expected):
     entry = variants.get(name)
     point = variants.Point(batch=1, heads=4, seq_len=8192, head_dim=64, causal=causal,
                            params=entry.resolve(params))
-    assert entry.kernel(point) == expected
+    assert entry.kernel_name(point) == expected
 
 
 def test_kernel_reports_the_fallback_on_cuda_float32():
     entry = variants.get("local/blocked")
     point = variants.Point(seq_len=4096, head_dim=64, device="cuda", params=entry.resolve())
-    assert entry.kernel(point) == ("eager tiles (fallback: cuda flash takes bfloat16/float16, "
+    assert entry.kernel_name(point) == ("eager tiles (fallback: cuda flash takes bfloat16/float16, "
                                    "not float32) ×3 parts, merged")
 
 

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from support import why_not
 from typer.testing import CliRunner
 
 import variants
 from bench import doctor
 from bench.cli import app
-from bench.measure import measure
-from bench.spec import MeasureSettings
+from bench.measure import MeasureSettings, measure
 from bench.timers import (
     LEAD_CALLS,
     Call,
@@ -166,7 +166,7 @@ def test_doctor_sets_cover_the_issue_points():
         == {(4, 16, 4096, 128, "bfloat16")}
     cpu = doctor.probes("cpu")
     assert len({p.entry for p in cpu}) >= 5 and {p.point.dtype for p in cpu} == {"float32"}
-    assert all(variants.get(p.entry).unsupported(p.point) is None for p in cpu)
+    assert all(why_not(variants.get(p.entry), p.point) is None for p in cpu)
 
 
 def test_doctor_verdicts_and_health():

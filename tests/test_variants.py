@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 import torch
+from support import why_not
 
 import variants
 from variants import Point, linear
@@ -57,24 +58,54 @@ def point(entry, *, n=LONG, dtype="float64", causal=False, mode="fwd", params=No
 # --- every entry against its float64 reference ----------------------------------------------------------
 
 def _reference_cases():
+    """The cases each entry declares it supports here, as xformers builds its tests from
+    ``op.supports``: a refused case is not a skipped test but a checked refusal (below)."""
     cases = []
     for entry in builtin_entries():
         for n, which in ((LONG, "small"), (SHORT, "small"), (300, "defaults")):
+            params = small_params(entry) if which == "small" else {}
             for dtype in DTYPES:
                 for causal in (False, True):
-                    cid = f"{entry.name}-n{n}-{which}-{dtype}-{'causal' if causal else 'bidir'}"
-                    cases.append(pytest.param(entry, n, which, dtype, causal, id=cid))
+                    if why_not(entry, point(entry, n=n, dtype=dtype, causal=causal, params=params)) is None:
+                        cid = f"{entry.name}-n{n}-{which}-{dtype}-{'causal' if causal else 'bidir'}"
+                        cases.append(pytest.param(entry, n, which, dtype, causal, id=cid))
     return cases
+
+
+def _refusals():
+    """Every (entry, dtype, causal, mode) refused on this CPU, with the capability it lacks."""
+    for entry in builtin_entries():
+        for dtype in DTYPES:
+            for causal in (False, True):
+                for mode in ("fwd", "fwd_bwd"):
+                    p = point(entry, dtype=dtype, causal=causal, mode=mode)
+                    if why_not(entry, p) is not None:
+                        yield pytest.param(entry, p, id=f"{entry.name}-{dtype}-{mode}-{'causal' if causal else 'bidir'}")
+
+
+@pytest.mark.parametrize("entry, p", list(_refusals()))
+def test_each_refusal_says_why(entry, p):
+    """A refused point's reason names what is missing: the device, the masking, the dtype, a package,
+    or (for capabilities only trying can tell: SDPA backends, xformers' dispatcher) the probe's words."""
+    reason = why_not(entry, p)
+    assert isinstance(reason, str) and len(reason) > 20, reason
+    caps = entry.caps
+    if "cpu" not in caps.devices:
+        assert reason.startswith("device=cpu not supported"), reason
+        assert caps.device_reason in reason
+    elif p.causal not in caps.causal:
+        assert reason.startswith("causal not supported" if p.causal else "non-causal not supported"), reason
+        assert caps.causal_reason in reason
+    elif p.dtype not in caps.dtypes:
+        assert reason.startswith(f"dtype={p.dtype} not supported"), reason
+    else:  # decided by trying, after every declared capability passed
+        assert entry.caps.probe is not None, (entry.name, reason)
 
 
 @pytest.mark.parametrize("entry, n, which, dtype, causal", _reference_cases())
 def test_entry_matches_its_float64_reference(entry, n, which, dtype, causal):
     params = small_params(entry) if which == "small" else {}
-    fwd = entry.unsupported(point(entry, n=n, dtype=dtype, causal=causal, params=params))
-    if fwd is not None:
-        assert isinstance(fwd, str) and fwd
-        pytest.skip(fwd)
-    backward = entry.unsupported(point(entry, n=n, dtype=dtype, causal=causal, mode="fwd_bwd",
+    backward = why_not(entry, point(entry, n=n, dtype=dtype, causal=causal, mode="fwd_bwd",
                                        params=params)) is None
     q, k, v, upstream = inputs(f"{entry.name}-{n}-{which}-{causal}", n)
 
@@ -108,10 +139,10 @@ def test_every_variant_is_runnable_on_cpu(dtype):
         impls = [e for e in builtin if e.variant == variant]
         for mode in ("fwd", "fwd_bwd"):
             runnable = [(e.name, c) for e in impls for c in (False, True)
-                        if e.unsupported(point(e, dtype=dtype, causal=c, mode=mode)) is None]
+                        if why_not(e, point(e, dtype=dtype, causal=c, mode=mode)) is None]
             assert runnable, f"{variant}: nothing runs {mode} in {dtype} on CPU"
     runnable = [e for e in builtin
-                if any(e.unsupported(point(e, dtype=dtype, causal=c)) is None for c in (False, True))]
+                if any(why_not(e, point(e, dtype=dtype, causal=c)) is None for c in (False, True))]
     assert len(runnable) >= len(builtin) / 2
     assert {e.family for e in runnable} == {e.family for e in builtin}
 
@@ -123,7 +154,7 @@ def test_cpu_backward_of_flex_is_declared_unsupported():
     assert {e.variant for e in flex} == {"local", "atrous", "strided"}
     for e in flex:
         for mode in ("bwd", "fwd_bwd"):
-            reason = e.unsupported(point(e, mode=mode))
+            reason = why_not(e, point(e, mode=mode))
             assert isinstance(reason, str) and reason, (e.name, mode)
 
 
@@ -295,13 +326,13 @@ def test_standard_xformers_on_cpu_gives_a_reason():
     entry = variants.get("standard/xformers")
     for dtype in ("float32", "float16"):
         for mode in ("fwd", "fwd_bwd"):
-            reason = entry.unsupported(Point(device="cpu", dtype=dtype, mode=mode, head_dim=64))
+            reason = why_not(entry, Point(device="cpu", dtype=dtype, mode=mode, head_dim=64))
             assert isinstance(reason, str) and reason.strip()
 
 
 def test_local_xformers_on_cpu_gives_a_reason():
     entry = variants.get("local/xformers")
-    reason = entry.unsupported(point(entry, params={"window": 16}))
+    reason = why_not(entry, point(entry, params={"window": 16}))
     assert isinstance(reason, str) and reason.strip()
 
 
@@ -310,30 +341,30 @@ def test_unsupported_with_default_params_gives_reason_or_none(entry):
     """A sweep records the reason instead of crashing: unsupported() of a Point that leaves params at
     the entry's defaults (Point.params = {}) is a str or None, never an exception."""
     for causal in (False, True):
-        reason = entry.unsupported(Point(device="cpu", dtype="float32", head_dim=D, causal=causal))
+        reason = why_not(entry, Point(device="cpu", dtype="float32", head_dim=D, causal=causal))
         assert reason is None or (isinstance(reason, str) and reason)
 
 
 def test_linformer_causal_gives_a_reason():
     entry = variants.get("linformer/projected")
-    reason = entry.unsupported(point(entry, causal=True))
+    reason = why_not(entry, point(entry, causal=True))
     assert isinstance(reason, str) and "causal" in reason
-    assert entry.unsupported(point(entry, causal=False)) is None
+    assert why_not(entry, point(entry, causal=False)) is None
 
 
 def test_softmax_qk_causal_gives_a_reason_for_every_impl():
     impls = variants.select("linear-softmax-qk")
     assert impls
     for entry in impls:
-        reason = entry.unsupported(point(entry, causal=True))
+        reason = why_not(entry, point(entry, causal=True))
         assert isinstance(reason, str) and "causal" in reason, entry.name
-    assert any(e.unsupported(point(e, causal=False)) is None for e in impls)
+    assert any(why_not(e, point(e, causal=False)) is None for e in impls)
 
 
 @pytest.mark.parametrize("name", ["standard/sdpa-cudnn", "standard/sdpa-efficient"])
 def test_cuda_only_sdpa_backends_give_a_reason_on_cpu(name):
     entry = variants.get(name)
-    reason = entry.unsupported(Point(device="cpu", head_dim=64))
+    reason = why_not(entry, Point(device="cpu", head_dim=64))
     assert isinstance(reason, str) and "cpu" in reason
 
 
@@ -342,18 +373,18 @@ def test_standard_eager_is_always_supported_on_cpu():
     for dtype in variants.DTYPES:
         for mode in variants.MODES:
             for causal in (False, True):
-                assert entry.unsupported(Point(dtype=dtype, mode=mode, causal=causal, head_dim=64)) is None
+                assert why_not(entry, Point(dtype=dtype, mode=mode, causal=causal, head_dim=64)) is None
 
 
 def test_linear_impls_declare_causality():
     for fmap in linear.FEATURE_MAPS:
-        assert variants.get(fmap.name, "linear").unsupported(point(variants.get(fmap.name, "linear"),
+        assert why_not(variants.get(fmap.name, "linear"), point(variants.get(fmap.name, "linear"),
                                                                     causal=True)) is not None
         if not fmap.causal_reason:
             for impl in ("recurrent", "chunked"):
                 e = variants.get(fmap.name, impl)
-                assert e.unsupported(point(e, causal=True)) is None
-                assert e.unsupported(point(e, causal=False)) is not None
+                assert why_not(e, point(e, causal=True)) is None
+                assert why_not(e, point(e, causal=False)) is not None
 
 
 # --- registry ------------------------------------------------------------------------------------------

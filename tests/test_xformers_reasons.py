@@ -9,6 +9,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from support import why_not
 from typer.testing import CliRunner
 
 import variants
@@ -20,7 +21,7 @@ XFORMERS_ROWS = ("standard/xformers", "local/xformers")
 
 def cpu_reason(name: str, causal: bool = False) -> str:
     entry = variants.get(name)
-    return entry.unsupported(Point(device="cpu", dtype="float32", causal=causal, params=entry.resolve()))
+    return why_not(entry, Point(device="cpu", dtype="float32", causal=causal, params=entry.resolve()))
 
 
 def minor(version: str) -> str:

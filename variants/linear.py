@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .decode import Decoder
-from .registry import Capabilities, Entry, Point, register
+from .registry import Capabilities, Entry, Point, ceil_div, register
 
 EPS = 1e-6  # keeps rows whose similarities are all zero (possible with relu) finite: they output 0
 
@@ -60,7 +60,7 @@ def orthogonal_features(head_dim: int, features: int, seed: int, device: str, dt
     to chi-distributed norms so each row is distributed like a Gaussian vector. Fixed seed."""
     gen = torch.Generator().manual_seed(seed)
     blocks = []
-    for _ in range(-(-features // head_dim)):
+    for _ in range(ceil_div(features, head_dim)):
         gaussian = torch.randn(head_dim, head_dim, generator=gen, dtype=torch.float64)
         blocks.append(torch.linalg.qr(gaussian).Q.T)
     w = torch.cat(blocks)[:features]
@@ -160,7 +160,7 @@ def _chunked(fmap: FeatureMap):
     def forward(q, k, v, *, causal: bool, chunk: int, **params) -> torch.Tensor:
         fq, fk = _features(fmap, q, k, params)
         b, h, n, _ = v.shape
-        n_chunks = -(-n // chunk)
+        n_chunks = ceil_div(n, chunk)
         pad = n_chunks * chunk - n
         # Padding after φ with zeros: padded keys contribute nothing, padded queries are dropped.
         fq, fk, vc = (F.pad(x, (0, 0, 0, pad)).view(b, h, n_chunks, chunk, x.shape[-1]) for x in (fq, fk, v))
@@ -292,5 +292,5 @@ for _fmap in FEATURE_MAPS:
             params={**_fmap.params, **_extra},
             caps=Capabilities(causal=frozenset(_causal), causal_reason=_why),
             decoder=linear_decoder(_fmap) if True in _causal else None,
-            kernel=functools.partial(lambda p, impl: f"eager {impl}", impl=_impl),
+            kernel_name=functools.partial(lambda p, impl: f"eager {impl}", impl=_impl),
             summary=_fmap.summary))

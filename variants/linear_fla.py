@@ -34,13 +34,6 @@ SCALE = FLA_EPS / EPS
 
 NON_CAUSAL_REASON = ("fla's linear_attn ops (chunk, fused_chunk, fused_recurrent) compute only the causal "
                      "prefix; the linear impl computes non-causal")
-CAPS = Capabilities(
-    devices=frozenset({"cuda"}),
-    dtypes=frozenset({"float32", "float16", "bfloat16"}),  # fla computes in float32 at most
-    causal=frozenset({True}),
-    requires=("fla",),
-    device_reason="fla's linear_attn kernels are Triton GPU kernels",
-    causal_reason=NON_CAUSAL_REASON)
 # Triton's tl.dot multiplies float32 tiles in TF32 (a float16 mantissa) unless told otherwise; fla's
 # chunk kernels don't tell it otherwise.
 TOLERANCE = {**DEFAULT_TOLERANCE, "float32": DEFAULT_TOLERANCE["float16"]}
@@ -77,8 +70,9 @@ def _forward(fmap: FeatureMap):
     return forward
 
 
-def availability(point: Point) -> str | None:
-    """What Capabilities cannot say: Triton and a CUDA device present, and fla's 16-bit limits."""
+def probe(point: Point) -> str | None:
+    """What the declared capabilities cannot say: Triton and a CUDA device present, and fla's
+    16-bit limits."""
     if importlib.util.find_spec("triton") is None:
         return "triton not installed: fla's linear_attn kernels are Triton GPU kernels"
     if not torch.cuda.is_available():
@@ -89,6 +83,16 @@ def availability(point: Point) -> str | None:
     if point.dtype == "bfloat16" and point.needs_grad and point.head_dim % 2:
         return f"head_dim={point.head_dim}: fla's 16-bit backward (chunk_bwd_dv) asserts an even value width"
     return None
+
+
+CAPS = Capabilities(
+    devices=frozenset({"cuda"}),
+    dtypes=frozenset({"float32", "float16", "bfloat16"}),  # fla computes in float32 at most
+    causal=frozenset({True}),
+    requires=("fla",),
+    device_reason="fla's linear_attn kernels are Triton GPU kernels",
+    causal_reason=NON_CAUSAL_REASON,
+    probe=probe)
 
 
 def _flops(chunked: Entry) -> Callable[[Point], float]:
@@ -102,6 +106,6 @@ for _fmap in FEATURE_MAPS:
     _chunked = get(_fmap.name, "chunked")
     register(Entry(
         _fmap.name, "fla", "linear", _forward(_fmap), _chunked.reference, _flops(_chunked),
-        params=dict(_fmap.params), caps=CAPS, availability=availability, kernel=lambda p: FLA_OP,
+        params=dict(_fmap.params), caps=CAPS, kernel_name=lambda p: FLA_OP,
         decoder=linear_decoder(_fmap),
         tolerance=TOLERANCE, summary=f"{_fmap.summary}, causal through fla's chunk_linear_attn (Triton)"))

@@ -51,5 +51,5 @@ register(Entry(
     "linformer", "projected", "lowrank", projected, reference, flops, params={"proj_len": 256},
     caps=Capabilities(causal=frozenset({False}),
                       causal_reason="projecting along the sequence mixes future tokens into every key"),
-    kernel=lambda p: "projection matmuls + sdpa",
+    kernel_name=lambda p: "projection matmuls + sdpa",
     summary="K, V projected along the sequence to proj_len, then SDPA"))

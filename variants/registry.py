@@ -62,9 +62,20 @@ class Point:
         return self.mode in BACKWARD_MODES
 
 
+def is_int_at_least(value: Any, minimum: int = 1) -> bool:
+    """An int (not a bool) of at least ``minimum``: the check every count and size here needs."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 @dataclass(frozen=True)
 class Capabilities:
-    """What an entry can run, declared as data so that reasons are uniform and readable."""
+    """What an entry can run, declared as data so that reasons are uniform and readable; ``probe``
+    is for what only trying tells (an SDPA backend, xformers' dispatcher), asked once the declared
+    capabilities all hold."""
 
     devices: frozenset[str] = frozenset({"cpu", "cuda"})
     dtypes: frozenset[str] = frozenset(DTYPES)
@@ -75,28 +86,35 @@ class Capabilities:
     # Why a device or a causal setting is not supported, in the entry's own words.
     device_reason: str = ""
     causal_reason: str = ""
+    probe: Callable[[Point], str | None] | None = None  # point with resolved params -> reason or None
 
-    def head_dim_reason(self, head_dim: int) -> str | None:
+    def head_dim_reasons(self, head_dim: int) -> list[str]:
+        reasons = []
         if self.max_head_dim is not None and head_dim > self.max_head_dim:
-            return f"head_dim={head_dim} exceeds the maximum {self.max_head_dim}"
+            reasons.append(f"head_dim={head_dim} exceeds the maximum {self.max_head_dim}")
         if head_dim % self.head_dim_multiple:
-            return f"head_dim={head_dim} is not a multiple of {self.head_dim_multiple}"
-        return None
+            reasons.append(f"head_dim={head_dim} is not a multiple of {self.head_dim_multiple}")
+        return reasons
 
-    def reason(self, point: Point) -> str | None:
+    def not_supported_reasons(self, point: Point) -> list[str]:
+        """Every declared capability ``point`` lacks, each as a sentence; then, only if none, the probe's."""
+        reasons = []
         device = torch.device(point.device).type
         if device not in self.devices:
             why = f": {self.device_reason}" if self.device_reason else f" (supported: {sorted(self.devices)})"
-            return f"device={device} not supported{why}"
+            reasons.append(f"device={device} not supported{why}")
         if point.dtype not in self.dtypes:
-            return f"dtype={point.dtype} not supported (supported: {sorted(self.dtypes)})"
+            reasons.append(f"dtype={point.dtype} not supported (supported: {sorted(self.dtypes)})")
         if point.causal not in self.causal:
             what = "causal" if point.causal else "non-causal"
-            return f"{what} not supported" + (f": {self.causal_reason}" if self.causal_reason else "")
+            reasons.append(f"{what} not supported" + (f": {self.causal_reason}" if self.causal_reason else ""))
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
-            return f"{', '.join(missing)} not installed (pip install 'attnbench[{missing[0]}]')"
-        return self.head_dim_reason(point.head_dim)
+            reasons.append(f"{', '.join(missing)} not installed (pip install 'attnbench[{missing[0]}]')")
+        reasons += self.head_dim_reasons(point.head_dim)
+        if not reasons and self.probe is not None:
+            reasons += filter(None, [self.probe(point)])
+        return reasons
 
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -108,8 +126,9 @@ class Entry:
 
     ``forward(q, k, v, *, causal, **params)`` and ``reference`` take ``(batch, heads, seq, head_dim)``
     tensors; ``reference`` is the naive float64-exact definition the impl is tested against.
-    ``flops(point)`` counts the forward work this impl really does (see DESIGN.md §7); like
-    ``kernel(point)`` it expects ``point.params`` resolved (defaults filled in, :meth:`resolve`).
+    ``flops(point)`` counts the forward work this impl really does (docs/measurement.md, "FLOP
+    conventions"); like ``kernel_name(point)`` it expects ``point.params`` resolved (defaults filled
+    in, :meth:`resolve`).
     """
 
     variant: str
@@ -120,8 +139,7 @@ class Entry:
     flops: Callable[[Point], float]
     params: Mapping[str, Any] = field(default_factory=dict)
     caps: Capabilities = field(default_factory=Capabilities)
-    availability: Callable[[Point], str | None] | None = None  # dynamic check, after caps
-    kernel: Callable[[Point], str] | None = None  # which kernel really runs, for the results row
+    kernel_name: Callable[[Point], str] | None = None  # what really runs: the results row's ``kernel``
     tolerance: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
     summary: str = ""
     decoder: Decoder | None = None  # generation against a cache (mode "decode"); None: not supported
@@ -141,10 +159,9 @@ class Entry:
             if key not in self.params:
                 valid = ", ".join(sorted(self.params)) or "none"
                 raise ValueError(f"{self.variant} has no parameter {key!r} (valid: {valid})")
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{self.variant}: parameter {key}={value!r} must be an integer")
-            if value < PARAM_MINIMUM.get(key, 1):
-                raise ValueError(f"{self.variant}: parameter {key}={value} must be >= {PARAM_MINIMUM.get(key, 1)}")
+            if not is_int_at_least(value, PARAM_MINIMUM.get(key, 1)):
+                raise ValueError(f"{self.variant}: parameter {key}={value!r} must be an integer "
+                                 f">= {PARAM_MINIMUM.get(key, 1)}")
             merged[key] = value
         return merged
 
@@ -153,14 +170,12 @@ class Entry:
         take (``chunk`` for a non-chunked impl) are left out instead of refused."""
         return self.resolve({k: v for k, v in params.items() if k in self.params})
 
-    def unsupported(self, point: Point) -> str | None:
-        """A human reason when this entry cannot run ``point`` here, else None."""
-        reason = self.caps.reason(point)
-        if reason is None and point.mode == "decode" and self.decoder is None:
-            reason = f"{self.name} has no decode path"
-        if reason is None and self.availability is not None:
-            reason = self.availability(replace(point, params=self.resolve(point.params)))
-        return reason
+    def not_supported_reasons(self, point: Point) -> list[str]:
+        """Why this entry cannot run ``point`` here, every reason (empty: it can)."""
+        reasons = self.caps.not_supported_reasons(replace(point, params=self.resolve(point.params)))
+        if point.mode == "decode" and self.decoder is None and not reasons:
+            reasons.append(f"{self.name} has no decode path")
+        return reasons
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                  **params: Any) -> torch.Tensor:

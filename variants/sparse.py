@@ -238,18 +238,19 @@ for _kind, _defaults in PATTERN_DEFAULTS.items():
     # One decode path per pattern: every impl of it computes the same function, so keeps the same cache.
     _common = dict(family="sparse", reference=_reference(_kind), flops=sparse_flops(_kind), params=_defaults,
                    decoder=_decoder(_kind, _sdpa_attend, "sdpa"))
-    register(Entry(_kind, "dense", forward=_dense(_kind), kernel=lambda p: "sdpa with dense bool mask",
+    register(Entry(_kind, "dense", forward=_dense(_kind), kernel_name=lambda p: "sdpa with dense bool mask",
                    summary="SDPA with the dense boolean mask, O(n²) memory", **_common))
     register(Entry(_kind, "flex", forward=_flex(_kind), caps=FLEX_CAPS,
-                   kernel=lambda p: "flex_attention (torch.compile)",
+                   kernel_name=lambda p: "flex_attention (torch.compile)",
                    summary="FlexAttention with the block mask", **_common))
     _impl, _fn, _kernel, _summary = STRUCTURED[_kind]
-    register(Entry(_kind, _impl, forward=_fn, kernel=_kernel, summary=_summary, **_common))
+    register(Entry(_kind, _impl, forward=_fn, kernel_name=_kernel, summary=_summary, **_common))
 
 register(Entry(
     "local", "xformers", "sparse", local_xformers, _reference("local"), sparse_flops("local"),
-    params=PATTERN_DEFAULTS["local"], caps=Capabilities(requires=("xformers",)),
-    availability=lambda p: xformers_unsupported(p, _pattern("local", p.causal, dict(p.params)).xformers),
-    kernel=lambda p: xformers_kernel(p, _pattern("local", p.causal, dict(p.params)).xformers),
+    params=PATTERN_DEFAULTS["local"],
+    caps=Capabilities(requires=("xformers",), probe=lambda p: xformers_unsupported(
+        p, _pattern("local", p.causal, dict(p.params)).xformers)),
+    kernel_name=lambda p: xformers_kernel(p, _pattern("local", p.causal, dict(p.params)).xformers),
     decoder=_decoder("local", _xformers_attend, "xformers memory_efficient_attention"),
     summary="xformers memory_efficient_attention with its local attention bias"))

@@ -78,12 +78,12 @@ def _probe_sdpa(backend: SDPBackend, device: str, dtype: str, head_dim: int, cau
             return _condense(f"SDPA backend {backend.name} unavailable: {why or exc}")
 
 
-def _sdpa_availability(backend: SDPBackend):
-    def availability(point: Point) -> str | None:
+def _sdpa_probe(backend: SDPBackend):
+    def probe(point: Point) -> str | None:
         grad = point.needs_grad
         return _probe_sdpa(backend, point.device, point.dtype, point.head_dim, point.causal, grad)
 
-    return availability
+    return probe
 
 
 # --- xformers ------------------------------------------------------------------------------------
@@ -241,27 +241,27 @@ def _decoder(attend: Attend, what: str, mask_of: Callable[[torch.Tensor | None],
 
 _SUMMARY = "softmax(QKᵀ/√d)V"
 register(Entry("standard", "eager", "standard", eager, reference, dense_flops,
-               kernel=lambda p: "eager matmul+softmax+matmul",
+               kernel_name=lambda p: "eager matmul+softmax+matmul",
                decoder=_decoder(eager_attend, "eager matmul+softmax"),
                summary=f"{_SUMMARY}, explicit n×n scores"))
 
 _CUDA = frozenset({"cuda"})
 for _impl, _backend, _caps in (
-        ("sdpa-math", SDPBackend.MATH, Capabilities()),
-        ("sdpa-flash", SDPBackend.FLASH_ATTENTION, Capabilities(max_head_dim=256)),  # CPU has one too
-        ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, Capabilities(devices=_CUDA)),
-        ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, Capabilities(devices=_CUDA, max_head_dim=256))):
+        ("sdpa-math", SDPBackend.MATH, {}),
+        ("sdpa-flash", SDPBackend.FLASH_ATTENTION, {"max_head_dim": 256}),  # CPU has one too
+        ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, {"devices": _CUDA}),
+        ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, {"devices": _CUDA, "max_head_dim": 256})):
     register(Entry("standard", _impl, "baseline", _sdpa_forward(_backend), reference, dense_flops,
-                   caps=_caps, availability=_sdpa_availability(_backend),
-                   kernel=functools.partial(lambda p, b: f"sdpa:{b.name}", b=_backend),
+                   caps=Capabilities(**_caps, probe=_sdpa_probe(_backend)),
+                   kernel_name=functools.partial(lambda p, b: f"sdpa:{b.name}", b=_backend),
                    decoder=_decoder(_sdpa_attend(_backend), f"sdpa:{_backend.name}", _lower_right),
                    summary=f"{_SUMMARY} through torch SDPA restricted to {_backend.name}"))
 
 register(Entry("standard", "xformers", "baseline",
                lambda q, k, v, *, causal: xformers_attention(q, k, v, causal_bias(causal)),
                reference, dense_flops,
-               caps=Capabilities(requires=("xformers",)),
-               availability=lambda p: xformers_unsupported(p, causal_bias(p.causal)),
-               kernel=lambda p: xformers_kernel(p, causal_bias(p.causal)),
+               caps=Capabilities(requires=("xformers",),
+                                 probe=lambda p: xformers_unsupported(p, causal_bias(p.causal))),
+               kernel_name=lambda p: xformers_kernel(p, causal_bias(p.causal)),
                decoder=_decoder(_xformers_attend, "xformers memory_efficient_attention"),
                summary=f"{_SUMMARY} through xformers memory_efficient_attention"))
