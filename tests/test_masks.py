@@ -15,7 +15,7 @@ import torch
 import variants
 from variants import Point, masks
 
-# (kind, params) for the pattern tests; small windows/rates so the structure matters at these n,
+# (sparsity, params) for the pattern tests; small windows/rates so the structure matters at these n,
 # plus edge cases (window 0, window ≥ n, rate 1, rate > n).
 PATTERN_CASES = [
     ("local", {"window": 0}),
@@ -31,11 +31,11 @@ PATTERN_CASES = [
 SIZES = [1, 7, 128, 200, 300]
 
 
-def _case_id(kind: str, params: dict) -> str:
-    return kind + "-" + "-".join(f"{k}{v}" for k, v in params.items())
+def _case_id(sparsity: str, params: dict) -> str:
+    return sparsity + "-" + "-".join(f"{k}{v}" for k, v in params.items())
 
 
-PATTERN_PARAMS = [pytest.param(kind, params, id=_case_id(kind, params)) for kind, params in PATTERN_CASES]
+PATTERN_PARAMS = [pytest.param(sparsity, params, id=_case_id(sparsity, params)) for sparsity, params in PATTERN_CASES]
 CAUSAL = [pytest.param(False, id="bidir"), pytest.param(True, id="causal")]
 
 
@@ -48,7 +48,7 @@ def _xformers_attn_bias():
 
 # --- the rule, computed independently ---------------------------------------------------------------
 
-def _expected_mask(kind: str, params: dict, causal: bool, n: int) -> torch.Tensor:
+def _expected_mask(sparsity: str, params: dict, causal: bool, n: int) -> torch.Tensor:
     """DESIGN.md §4, token by token: local |i−j| ≤ w, atrous (i−j) mod k = 0, strided = union;
     causal adds j ≤ i."""
     rows = []
@@ -57,7 +57,7 @@ def _expected_mask(kind: str, params: dict, causal: bool, n: int) -> torch.Tenso
         for j in range(n):
             near = "window" in params and abs(i - j) <= params["window"]
             dilated = "rate" in params and (i - j) % params["rate"] == 0
-            allowed = {"local": near, "atrous": dilated, "strided": near or dilated}[kind]
+            allowed = {"local": near, "atrous": dilated, "strided": near or dilated}[sparsity]
             row.append(allowed and (j <= i or not causal))
         rows.append(row)
     return torch.tensor(rows, dtype=torch.bool).reshape(n, n)
@@ -65,12 +65,12 @@ def _expected_mask(kind: str, params: dict, causal: bool, n: int) -> torch.Tenso
 
 @pytest.mark.parametrize("n", [1, 20, 33])
 @pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize("kind, params", PATTERN_PARAMS)
-def test_dense_mask_follows_the_design_rule(kind, params, causal, n):
-    pattern = masks.pattern(kind, causal, **params)
+@pytest.mark.parametrize("sparsity, params", PATTERN_PARAMS)
+def test_dense_mask_follows_the_design_rule(sparsity, params, causal, n):
+    pattern = masks.pattern(sparsity, causal, **params)
     got = masks.dense_mask(pattern.mask, n, n)
     assert got.dtype == torch.bool and got.shape == (n, n)
-    assert torch.equal(got, _expected_mask(kind, params, causal, n))
+    assert torch.equal(got, _expected_mask(sparsity, params, causal, n))
 
 
 def test_expected_masks_are_not_trivial():
@@ -78,9 +78,9 @@ def test_expected_masks_are_not_trivial():
     diagonal, and causal really removes entries."""
     n = 33
     cases = [("local", {"window": 3}), ("atrous", {"rate": 4}), ("strided", {"window": 2, "rate": 5})]
-    for kind, params in cases:
-        bidir = masks.dense_mask(masks.pattern(kind, False, **params).mask, n, n)
-        causal = masks.dense_mask(masks.pattern(kind, True, **params).mask, n, n)
+    for sparsity, params in cases:
+        bidir = masks.dense_mask(masks.pattern(sparsity, False, **params).mask, n, n)
+        causal = masks.dense_mask(masks.pattern(sparsity, True, **params).mask, n, n)
         assert n < int(bidir.sum()) < n * n
         assert torch.equal(causal, bidir & torch.ones(n, n, dtype=torch.bool).tril())
         assert int(causal.sum()) < int(bidir.sum())
@@ -90,9 +90,9 @@ def test_expected_masks_are_not_trivial():
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize("kind, params", PATTERN_PARAMS)
-def test_block_mask_applies_exactly_the_dense_mask(kind, params, causal, n):
-    pattern = masks.pattern(kind, causal, **params)
+@pytest.mark.parametrize("sparsity, params", PATTERN_PARAMS)
+def test_block_mask_applies_exactly_the_dense_mask(sparsity, params, causal, n):
+    pattern = masks.pattern(sparsity, causal, **params)
     dense = masks.dense_mask(pattern.mask, n, n)
     expanded = masks.expand_block_mask(masks.block_mask(pattern, n, "cpu"), n)
     assert expanded.shape == (n, n)
@@ -114,10 +114,10 @@ def test_xformers_local_bias_equals_dense_mask(window, causal, n):
     assert bool(torch.isneginf(materialized[materialized != 0]).all())
 
 
-@pytest.mark.parametrize("kind, params", [p for p in PATTERN_PARAMS if p.values[0] != "local"])
-def test_patterns_without_an_xformers_class_declare_none(kind, params):
+@pytest.mark.parametrize("sparsity, params", [p for p in PATTERN_PARAMS if p.values[0] != "local"])
+def test_patterns_without_an_xformers_class_declare_none(sparsity, params):
     for causal in (False, True):
-        pattern = masks.pattern(kind, causal, **params)
+        pattern = masks.pattern(sparsity, causal, **params)
         assert pattern.xformers is None
         assert masks.xformers_bias(pattern) is None
 
@@ -134,15 +134,15 @@ def test_mask_function_names_carry_their_parameters(factory, arg, name):
     assert factory(arg).__name__ == name
 
 
-@pytest.mark.parametrize("kind, params, causal, name", [
+@pytest.mark.parametrize("sparsity, params, causal, name", [
     ("local", {"window": 16}, False, "local_w16"),
     ("local", {"window": 16}, True, "local_w16_causal"),
     ("atrous", {"rate": 4}, True, "atrous_r4_causal"),
     ("strided", {"window": 8, "rate": 16}, False, "local_w8_or_atrous_r16"),
     ("strided", {"window": 8, "rate": 16}, True, "local_w8_or_atrous_r16_causal"),
 ], ids=["local", "local-causal", "atrous-causal", "strided", "strided-causal"])
-def test_pattern_names_carry_their_parameters(kind, params, causal, name):
-    pattern = masks.pattern(kind, causal, **params)
+def test_pattern_names_carry_their_parameters(sparsity, params, causal, name):
+    pattern = masks.pattern(sparsity, causal, **params)
     assert pattern.name == name
     assert pattern.mask.__name__ == name
 
@@ -167,9 +167,9 @@ def test_or_and_masks_combine_elementwise():
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize("kind, params", PATTERN_PARAMS)
-def test_allowed_per_row_counts_the_dense_mask(kind, params, causal, n):
-    pattern = masks.pattern(kind, causal, **params)
+@pytest.mark.parametrize("sparsity, params", PATTERN_PARAMS)
+def test_allowed_per_row_counts_the_dense_mask(sparsity, params, causal, n):
+    pattern = masks.pattern(sparsity, causal, **params)
     expected = masks.dense_mask(pattern.mask, n, n).sum(-1)
     for rows_per_chunk in (1024, 7):  # one chunk, and many chunks with a ragged last one
         counts = masks.allowed_per_row(pattern, n, rows_per_chunk)

@@ -48,11 +48,11 @@ def pair_counts(parts: tuple[Part, ...], n: int) -> torch.Tensor:
 # --- the parts are the mask -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("kind", list(BUILDERS))
-def test_parts_allow_exactly_the_mask_each_pair_once(kind, causal):
-    for n, params in itertools.product([*range(1, 42), 64, 65, 100], GRID[kind]):
-        parts = BUILDERS[kind](n, params, causal)
-        expected = masks.dense_mask(masks.pattern(kind, causal, **params).mask, n, n).long()
+@pytest.mark.parametrize("sparsity", list(BUILDERS))
+def test_parts_allow_exactly_the_mask_each_pair_once(sparsity, causal):
+    for n, params in itertools.product([*range(1, 42), 64, 65, 100], GRID[sparsity]):
+        parts = BUILDERS[sparsity](n, params, causal)
+        expected = masks.dense_mask(masks.pattern(sparsity, causal, **params).mask, n, n).long()
         assert torch.equal(pair_counts(parts, n), expected), (n, params)
         assert not merged.plan(parts, n).zeroed  # every row reached; tiles in [0, n), distinct
 
@@ -113,19 +113,19 @@ PARAMS = {  # small enough that the structure matters at these lengths, n not a 
 
 
 def _reference_cases():
-    for kind in IMPLS:
+    for sparsity in IMPLS:
         for n in (1, 50, 231, 300):
             for dtype in ("float64", "float32"):
-                yield pytest.param(kind, n, dtype, id=f"{kind}-n{n}-{dtype}")
+                yield pytest.param(sparsity, n, dtype, id=f"{sparsity}-n{n}-{dtype}")
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("kind, n, dtype", list(_reference_cases()))
-def test_impl_matches_float64_reference(kind, n, dtype, causal):
-    entry = variants.get(kind, IMPLS[kind])
+@pytest.mark.parametrize("sparsity, n, dtype", list(_reference_cases()))
+def test_impl_matches_float64_reference(sparsity, n, dtype, causal):
+    entry = variants.get(sparsity, IMPLS[sparsity])
     tol = entry.tolerance[dtype]
-    for params in [*PARAMS[kind], {}]:
-        q, k, v, upstream = seeded_inputs(f"{kind}-{n}-{causal}-{params}", n)
+    for params in [*PARAMS[sparsity], {}]:
+        q, k, v, upstream = seeded_inputs(f"{sparsity}-{n}-{causal}-{params}", n)
         resolved = entry.resolve(params)
         ref, ref_grads = output_and_grads(entry.reference, (q, k, v), upstream, torch.float64,
                                           causal=causal, **resolved)
@@ -140,14 +140,14 @@ def test_impl_matches_float64_reference(kind, n, dtype, causal):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash", "eager"])
-@pytest.mark.parametrize("kind", list(IMPLS))
-def test_bfloat16_within_tolerance_and_non_contiguous_inputs(monkeypatch, kind, fused):
+@pytest.mark.parametrize("sparsity", list(IMPLS))
+def test_bfloat16_within_tolerance_and_non_contiguous_inputs(monkeypatch, sparsity, fused):
     """bfloat16 takes the 16-bit merge (float32 accumulators); inputs laid out (b, n, h, d)."""
     if not fused:
         monkeypatch.setattr(merged, "aten_op", lambda name: None)
-    entry = variants.get(kind, IMPLS[kind])
-    params = PARAMS[kind][0]
-    q, k, v, upstream = seeded_inputs(f"bf16-{kind}", 231)
+    entry = variants.get(sparsity, IMPLS[sparsity])
+    params = PARAMS[sparsity][0]
+    q, k, v, upstream = seeded_inputs(f"bf16-{sparsity}", 231)
     ref, ref_grads = output_and_grads(entry.reference, (q, k, v), upstream, torch.float64,
                                       causal=False, **entry.resolve(params))
     leaves = [t.transpose(1, 2).contiguous().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
@@ -172,12 +172,12 @@ MERGED_CASES = [
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("kind, params, n", MERGED_CASES)
-def test_fused_cpu_kernel_equals_eager_kernel(monkeypatch, kind, params, n, causal):
-    parts = BUILDERS[kind](n, params, causal)
+@pytest.mark.parametrize("sparsity, params, n", MERGED_CASES)
+def test_fused_cpu_kernel_equals_eager_kernel(monkeypatch, sparsity, params, n, causal):
+    parts = BUILDERS[sparsity](n, params, causal)
     assert not merged.plan(parts, n).disjoint
     assert merged.select_kernel("cpu", torch.float64, 16).name == "cpu flash with lse"
-    q, k, v, upstream = seeded_inputs(f"fused-{kind}-{n}", n)
+    q, k, v, upstream = seeded_inputs(f"fused-{sparsity}-{n}", n)
     fused, fused_grads = _run_parts(parts, (q, k, v), upstream, torch.float64)
     monkeypatch.setattr(merged, "aten_op", lambda name: None)  # a torch without the fused ops
     assert merged.select_kernel("cpu", torch.float64, 16).name.startswith("eager tiles (fallback:")
@@ -326,14 +326,14 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("kind, params", [("local", {"window": 32}), ("atrous", {"rate": 16}),
+@pytest.mark.parametrize("sparsity, params", [("local", {"window": 32}), ("atrous", {"rate": 16}),
                                           ("strided", {"window": 32, "rate": 32})])
-def test_no_tensor_grows_with_n_squared(kind, params):
+def test_no_tensor_grows_with_n_squared(sparsity, params):
     """Forward and backward at n = 2048: no tensor larger than an input (n·d per head) is made,
     where a mask or a score matrix would hold n²/rate or n·w per head."""
     n, d = 2048, 16
-    entry = variants.get(kind, IMPLS[kind])
-    leaves = [t.float().requires_grad_() for t in seeded_inputs(f"big-{kind}", n, b=1, h=2, d=d)[:3]]
+    entry = variants.get(sparsity, IMPLS[sparsity])
+    leaves = [t.float().requires_grad_() for t in seeded_inputs(f"big-{sparsity}", n, b=1, h=2, d=d)[:3]]
     with LargestTensor() as largest:
         out = entry(*leaves, causal=False, **params)
         out.backward(torch.ones_like(out))

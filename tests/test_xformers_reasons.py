@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import variants
 from bench.cli import app
-from variants import Point, standard
+from variants import Point, xformers_ops
 
 XFORMERS_ROWS = ("standard/xformers", "local/xformers")
 
@@ -49,7 +49,7 @@ def build_info(cpp_lib: ModuleType, torch_version: str) -> object:
 
 
 def fake_load_exception(monkeypatch: pytest.MonkeyPatch, exc: BaseException | None) -> None:
-    monkeypatch.setattr(standard, "_xformers_load_exception", lambda: exc)
+    monkeypatch.setattr(xformers_ops, "_xformers_load_exception", lambda: exc)
 
 
 # --- the installed xformers (its extension, built for another torch, does not load here) ----------
@@ -66,7 +66,7 @@ def test_real_mismatch_leads_the_reason(real_load_failure, name, causal):
     assert built.split("+")[0] in reason
     assert reason.endswith(f"install the xformers build for this torch, "
                            f"or torch {minor(built)} for xformers {xformers.__version__}")
-    assert len(reason) <= standard.XFORMERS_LEAD_LIMIT and "\n" not in reason
+    assert len(reason) <= xformers_ops.XFORMERS_LEAD_LIMIT and "\n" not in reason
 
 
 def test_bench_list_json_shows_the_mismatch(real_load_failure):
@@ -89,7 +89,7 @@ def test_invalid_lib_with_build_info_names_both_torches_and_the_fix(monkeypatch,
         reason = cpu_reason(name)
         assert "built for torch 2.99.1+cu131 but this is torch " + torch.__version__ in reason
         assert reason.endswith("or torch 2.99 for xformers " + xformers.__version__)
-        assert len(reason) <= standard.XFORMERS_LEAD_LIMIT
+        assert len(reason) <= xformers_ops.XFORMERS_LEAD_LIMIT
 
 
 def test_invalid_lib_without_build_info_falls_back_to_xformers_words(monkeypatch, cpp_lib):
@@ -98,7 +98,7 @@ def test_invalid_lib_without_build_info_falls_back_to_xformers_words(monkeypatch
     assert f"did not load with torch {torch.__version__}" in reason
     assert "install the xformers build for this torch" in reason
     assert "built for a different version of PyTorch or Python" in reason  # xformers' own words
-    assert len(reason) <= standard.XFORMERS_LEAD_LIMIT and "\n" not in reason
+    assert len(reason) <= xformers_ops.XFORMERS_LEAD_LIMIT and "\n" not in reason
 
 
 def test_build_for_this_very_torch_is_not_called_a_torch_mismatch(monkeypatch, cpp_lib):
@@ -107,7 +107,7 @@ def test_build_for_this_very_torch_is_not_called_a_torch_mismatch(monkeypatch, c
     fake_load_exception(monkeypatch, cpp_lib.xFormersInvalidLibException(build_info(cpp_lib, torch.__version__)))
     reason = cpu_reason("local/xformers")
     assert "but this is torch" not in reason and "xFormers was built for" in reason
-    assert len(reason) <= standard.XFORMERS_LEAD_LIMIT
+    assert len(reason) <= xformers_ops.XFORMERS_LEAD_LIMIT
 
 
 def test_not_built_falls_back_to_xformers_words(monkeypatch, cpp_lib):
@@ -115,7 +115,7 @@ def test_not_built_falls_back_to_xformers_words(monkeypatch, cpp_lib):
     reason = cpu_reason("local/xformers", causal=True)
     assert f"did not load with torch {torch.__version__}" in reason
     assert "Need to compile C++ extensions" in reason
-    assert len(reason) <= standard.XFORMERS_LEAD_LIMIT
+    assert len(reason) <= xformers_ops.XFORMERS_LEAD_LIMIT
 
 
 def test_an_exception_of_another_xformers_is_read_defensively(monkeypatch, cpp_lib):
@@ -132,7 +132,7 @@ def test_loaded_extension_lists_the_operators_reasons(monkeypatch, cpp_lib):
     reason = cpu_reason("local/xformers")
     assert re.match(r"xformers has no operator for this input: [^:]+: device=cpu", reason)
     assert "attn_bias type is LocalAttentionFromBottomRightMask" in reason  # the class, named short
-    assert len(reason) <= standard.XFORMERS_REASON_LIMIT
+    assert len(reason) <= xformers_ops.XFORMERS_REASON_LIMIT
 
 
 # --- the dispatcher's message ------------------------------------------------------------------------
@@ -166,21 +166,21 @@ def short(reason: str) -> str:
 
 def test_short_message_lists_every_reason_of_every_operator():
     three = MESSAGE[:MESSAGE.index("\n`cutlassF-blackwell`")]
-    assert standard.xformers_operator_reasons(three) == "; ".join(
+    assert xformers_ops.xformers_operator_reasons(three) == "; ".join(
         f"{op}: {', '.join(short(r) for r in reasons)}" for op, reasons in REFUSALS[:3])
 
 
 def test_long_message_keeps_each_operators_first_reason_whole():
-    text = standard.xformers_operator_reasons(MESSAGE)
-    assert len(MESSAGE) > standard.XFORMERS_REASON_LIMIT >= len(text) and "…" not in text
+    text = xformers_ops.xformers_operator_reasons(MESSAGE)
+    assert len(MESSAGE) > xformers_ops.XFORMERS_REASON_LIMIT >= len(text) and "…" not in text
     assert text == (f"fa3F@0.0.0: {REFUSALS[0][1][0]}; fa2F@2.5.7-pt, triton_splitKF: {DTYPE}; "
                     f"cutlassF-pt: {short(BIAS)}; cutlassF-blackwell: {REFUSALS[3][1][0]}")
 
 
 def test_operators_refusing_alike_share_their_reason_and_the_rest_are_counted():
-    text = standard.xformers_operator_reasons(MESSAGE, limit=220)
+    text = xformers_ops.xformers_operator_reasons(MESSAGE, limit=220)
     assert text == f"fa3F@0.0.0: {REFUSALS[0][1][0]}; fa2F@2.5.7-pt, triton_splitKF: {DTYPE}; +2 more operators"
-    assert standard.xformers_operator_reasons(MESSAGE, limit=300).endswith(f"{short(BIAS)}; +1 more operator")
+    assert xformers_ops.xformers_operator_reasons(MESSAGE, limit=300).endswith(f"{short(BIAS)}; +1 more operator")
 
 
 def test_the_parser_reads_xformers_own_formatting():
@@ -193,8 +193,8 @@ def test_the_parser_reads_xformers_own_formatting():
            for op, reasons in REFUSALS]
     with pytest.raises(NotImplementedError) as raised:
         dispatch._run_priority_list("memory_efficient_attention_forward", ops, Inputs(query=x, key=x, value=x))
-    assert standard.xformers_operator_reasons(str(raised.value)) == standard.xformers_operator_reasons(MESSAGE)
+    assert xformers_ops.xformers_operator_reasons(str(raised.value)) == xformers_ops.xformers_operator_reasons(MESSAGE)
 
 
 def test_a_message_of_another_shape_is_condensed():
-    assert standard.xformers_operator_reasons("CUDA error:\n  no kernel image", limit=20) == "CUDA error: no kern…"
+    assert xformers_ops.xformers_operator_reasons("CUDA error:\n  no kernel image", limit=20) == "CUDA error: no kern…"

@@ -271,26 +271,38 @@ def linear_decoder(fmap: FeatureMap) -> Decoder:
                    "eager recurrent state step")
 
 
-_IMPLS = {
-    "quadratic": (_quadratic, _work_quadratic, {False, True}, "", {}),
-    "linear": (_linear, _work_state, {False},
-               "the global φ(K)ᵀV sum lets queries see future keys; use recurrent or chunked", {}),
-    "recurrent": (_recurrent, _work_state, {True},
-                  "running sums compute the causal prefix; use linear when non-causal", {}),
-    "chunked": (_chunked, _work_chunked, {True},
-                "chunking carries the causal prefix; use linear when non-causal", {"chunk": 64}),
+@dataclass(frozen=True)
+class LinearImpl:
+    """How one impl computes a feature map's attention, and which masking it can do (and why not)."""
+
+    make: Callable[[FeatureMap], Callable[..., torch.Tensor]]
+    work: Callable[..., float]  # forward matmul work per (batch, head)
+    causal: frozenset[bool]
+    causal_reason: str = ""
+    params: dict = field(default_factory=dict)
+
+
+IMPLS = {
+    "quadratic": LinearImpl(_quadratic, _work_quadratic, frozenset({False, True})),
+    "linear": LinearImpl(_linear, _work_state, frozenset({False}),
+                         "the global φ(K)ᵀV sum lets queries see future keys; use recurrent or chunked"),
+    "recurrent": LinearImpl(_recurrent, _work_state, frozenset({True}),
+                            "running sums compute the causal prefix; use linear when non-causal"),
+    "chunked": LinearImpl(_chunked, _work_chunked, frozenset({True}),
+                          "chunking carries the causal prefix; use linear when non-causal", {"chunk": 64}),
 }
 
 for _fmap in FEATURE_MAPS:
-    for _impl, (_make, _work, _causal, _why, _extra) in _IMPLS.items():
+    for _name, _impl in IMPLS.items():
+        _causal, _why = _impl.causal, _impl.causal_reason
         if _fmap.causal_reason:
             if _causal == {True}:
                 continue  # causal-only impls of a map that cannot be causal would never run
             _causal, _why = _causal - {True}, _fmap.causal_reason
         register(Entry(
-            _fmap.name, _impl, "linear", _make(_fmap), _quadratic(_fmap), _flops(_fmap, _work),
-            params={**_fmap.params, **_extra},
-            caps=Capabilities(causal=frozenset(_causal), causal_reason=_why),
+            _fmap.name, _name, "linear", _impl.make(_fmap), _quadratic(_fmap), _flops(_fmap, _impl.work),
+            params={**_fmap.params, **_impl.params},
+            caps=Capabilities(causal=_causal, causal_reason=_why),
             decoder=linear_decoder(_fmap) if True in _causal else None,
-            kernel_name=functools.partial(lambda p, impl: f"eager {impl}", impl=_impl),
+            kernel_name=functools.partial(lambda p, impl: f"eager {impl}", impl=_name),
             summary=_fmap.summary))

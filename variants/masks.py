@@ -99,16 +99,16 @@ PERIODS: dict[str, Callable[..., int]] = {
 
 
 @functools.lru_cache(maxsize=256)
-def pattern(kind: str, causal_: bool, **params: int) -> Pattern:
-    """The pattern ``kind`` (``local``, ``atrous``, ``strided``) with its parameters, causal or not.
+def pattern(sparsity: str, causal_: bool, **params: int) -> Pattern:
+    """The pattern ``sparsity`` (``local``, ``atrous``, ``strided``) with its parameters, causal or not.
 
     Cached, so equal arguments give the same object and the per-pattern caches below hit."""
-    if kind not in PATTERNS:
-        raise ValueError(f"unknown pattern {kind!r} (valid: {', '.join(PATTERNS)})")
-    base, bias = PATTERNS[kind](causal_=causal_, **params)
+    if sparsity not in PATTERNS:
+        raise ValueError(f"unknown pattern {sparsity!r} (valid: {', '.join(PATTERNS)})")
+    base, bias = PATTERNS[sparsity](causal_=causal_, **params)
     fn = and_masks(base, causal()) if causal_ else base
     name = f"{base.__name__}_causal" if causal_ else base.__name__
-    return Pattern(name=name, mask=_named(fn, name), xformers=bias, period=PERIODS[kind](**params))
+    return Pattern(name=name, mask=_named(fn, name), xformers=bias, period=PERIODS[sparsity](**params))
 
 
 FULL_CAUSAL = Pattern("causal", causal())  # standard causal attention, as a pattern (decode caches)

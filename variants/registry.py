@@ -7,6 +7,7 @@ Every tensor is laid out ``(batch, heads, seq, head_dim)``. An entry knows *what
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,12 @@ def is_int_at_least(value: Any, minimum: int = 1) -> bool:
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def condense(message: str, limit: int = 300) -> str:
+    """A message on one line within ``limit`` characters (a reason in a results row or a table)."""
+    text = re.sub(r"\s+", " ", message).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ allow exactly the pairs of the mask.
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,25 +31,25 @@ from .decode import Attend, Decoder, kv_decoder
 from .merged import Part, Relation, Tiles, describe, merged_attention
 from .reference import softmax_attention
 from .registry import Capabilities, Entry, Point, register
-from .standard import xformers_attention, xformers_kernel, xformers_unsupported
+from .xformers_ops import xformers_attention, xformers_kernel, xformers_unsupported
 
 
-def _pattern(kind: str, causal: bool, params: dict) -> masks.Pattern:
-    return masks.pattern(kind, causal, **params)
+def _pattern(sparsity: str, causal: bool, params: dict) -> masks.Pattern:
+    return masks.pattern(sparsity, causal, **params)
 
 
-def sparse_flops(kind: str):
+def sparse_flops(sparsity: str):
     """Useful work: 4·d FLOPs per allowed (query, key) pair, counted exactly from the mask."""
     def flops(point: Point) -> float:
-        allowed = masks.allowed_per_row(_pattern(kind, point.causal, dict(point.params)), point.seq_len)
+        allowed = masks.allowed_per_row(_pattern(sparsity, point.causal, dict(point.params)), point.seq_len)
         return 4.0 * point.batch * point.heads * point.head_dim * float(allowed.sum())
 
     return flops
 
 
-def _reference(kind: str):
+def _reference(sparsity: str):
     def reference(q, k, v, *, causal: bool, **params) -> torch.Tensor:
-        mask = masks.dense_mask(_pattern(kind, causal, params).mask, q.shape[-2], k.shape[-2], q.device)
+        mask = masks.dense_mask(_pattern(sparsity, causal, params).mask, q.shape[-2], k.shape[-2], q.device)
         return softmax_attention(q, k, v, mask)
 
     return reference
@@ -136,9 +137,9 @@ def strided_parts(n: int, window: int, rate: int, causal: bool) -> tuple[Part, .
 
 # --- the impls -----------------------------------------------------------------------------------
 
-def _dense(kind: str):
+def _dense(sparsity: str):
     def forward(q, k, v, *, causal: bool, **params) -> torch.Tensor:
-        mask = masks.cached_dense_mask(_pattern(kind, causal, params), q.shape[-2], str(q.device))
+        mask = masks.cached_dense_mask(_pattern(sparsity, causal, params), q.shape[-2], str(q.device))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     return forward
@@ -155,11 +156,11 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex(kind: str):
+def _flex(sparsity: str):
     def forward(q, k, v, *, causal: bool, **params) -> torch.Tensor:
         from torch.nn.attention.flex_attention import flex_attention
 
-        bm = masks.block_mask(_pattern(kind, causal, params), q.shape[-2], str(q.device))
+        bm = masks.block_mask(_pattern(sparsity, causal, params), q.shape[-2], str(q.device))
         # Eager flex (CPU) is FlexAttention's unfused reference: used by the tests, never timed.
         fn = _compiled_flex() if q.is_cuda else flex_attention
         return fn(q, k, v, block_mask=bm)
@@ -207,8 +208,8 @@ def _xformers_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return xformers_attention(q, k, v, bias)
 
 
-def _decoder(kind: str, attend: Attend, what: str) -> Decoder:
-    return kv_decoder(lambda params: _pattern(kind, True, params), attend,
+def _decoder(sparsity: str, attend: Attend, what: str) -> Decoder:
+    return kv_decoder(lambda params: _pattern(sparsity, True, params), attend,
                       f"{what} over the keys the pattern reaches (window, residue class) of the KV cache")
 
 
@@ -223,28 +224,40 @@ PATTERN_DEFAULTS = {
     "strided": {"window": 128, "rate": 128},
 }
 
+@dataclass(frozen=True)
+class StructuredImpl:
+    """The structure-exploiting impl of a pattern."""
+
+    impl: str
+    forward: Callable[..., torch.Tensor]
+    kernel_name: Callable[[Point], str]
+    summary: str
+
+
 STRUCTURED = {
-    "local": ("blocked", local_blocked, _parts_kernel(local_parts, "tiles"),
-              "blocks of w against their own and neighbouring blocks (full, causal, anticausal "
-              "fused calls) merged by log-sum-exp, O(n·w) memory"),
-    "atrous": ("reshape", atrous_reshape, _parts_kernel(atrous_parts, "residue classes"),
-               "rate interleaved subsequences, each attended without mask, O(n²/rate) memory"),
-    "strided": ("merged", strided_merged, _parts_kernel(strided_parts, "tiles"),
-                "local parts ⊕ residue-class parts beyond the window, fused calls merged by "
-                "log-sum-exp"),
+    "local": StructuredImpl("blocked", local_blocked, _parts_kernel(local_parts, "tiles"),
+                            "blocks of w against their own and neighbouring blocks (full, causal, "
+                            "anticausal fused calls) merged by log-sum-exp, O(n·w) memory"),
+    "atrous": StructuredImpl("reshape", atrous_reshape, _parts_kernel(atrous_parts, "residue classes"),
+                             "rate interleaved subsequences, each attended without mask, O(n²/rate) memory"),
+    "strided": StructuredImpl("merged", strided_merged, _parts_kernel(strided_parts, "tiles"),
+                              "local parts ⊕ residue-class parts beyond the window, fused calls merged by "
+                              "log-sum-exp"),
 }
 
-for _kind, _defaults in PATTERN_DEFAULTS.items():
+for _sparsity, _defaults in PATTERN_DEFAULTS.items():
     # One decode path per pattern: every impl of it computes the same function, so keeps the same cache.
-    _common = dict(family="sparse", reference=_reference(_kind), flops=sparse_flops(_kind), params=_defaults,
-                   decoder=_decoder(_kind, _sdpa_attend, "sdpa"))
-    register(Entry(_kind, "dense", forward=_dense(_kind), kernel_name=lambda p: "sdpa with dense bool mask",
+    _common = dict(family="sparse", reference=_reference(_sparsity), flops=sparse_flops(_sparsity),
+                   params=_defaults, decoder=_decoder(_sparsity, _sdpa_attend, "sdpa"))
+    register(Entry(_sparsity, "dense", forward=_dense(_sparsity),
+                   kernel_name=lambda p: "sdpa with dense bool mask",
                    summary="SDPA with the dense boolean mask, O(n²) memory", **_common))
-    register(Entry(_kind, "flex", forward=_flex(_kind), caps=FLEX_CAPS,
+    register(Entry(_sparsity, "flex", forward=_flex(_sparsity), caps=FLEX_CAPS,
                    kernel_name=lambda p: "flex_attention (torch.compile)",
                    summary="FlexAttention with the block mask", **_common))
-    _impl, _fn, _kernel, _summary = STRUCTURED[_kind]
-    register(Entry(_kind, _impl, forward=_fn, kernel_name=_kernel, summary=_summary, **_common))
+    _structured = STRUCTURED[_sparsity]
+    register(Entry(_sparsity, _structured.impl, forward=_structured.forward, kernel_name=_structured.kernel_name,
+                   summary=_structured.summary, **_common))
 
 register(Entry(
     "local", "xformers", "sparse", local_xformers, _reference("local"), sparse_flops("local"),
