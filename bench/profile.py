@@ -70,7 +70,8 @@ GLUE_ROW = f"{STEP_LABEL} (self: Python, dispatch and tensor frees between opera
 DEFAULT_STEPS = 5
 DEFAULT_TOP = 10
 AGREEMENT_TOLERANCE = 0.10
-# Steps run under the profiler before it records, by time like every warm-up here (DESIGN.md §7):
+# Steps run under the profiler before it records, by time like every warm-up here
+# (docs/measurement.md, "Warm-up and repetitions"):
 # the steps just after it starts run slow (its own start-up), by up to 3x on a small machine.
 PROFILER_WARMUP_S = 0.1
 MAX_PROFILER_WARMUP_STEPS = 100
@@ -103,20 +104,20 @@ def point_dir(out_dir: Path, entry: Entry, point: Point) -> Path:
     return out_dir / f"{entry.variant}-{entry.impl}-{shape_slug(point)}"
 
 
-# --- the kernels table ---------------------------------------------------------------------------
+# --- the activity table (kernels on CUDA, operators on CPU) ---------------------------------------
 
 @dataclass(frozen=True)
-class KernelRow:
+class ActivityRow:
     name: str
     calls: int
     self_us: float  # summed over all recorded steps
 
 
 @dataclass(frozen=True)
-class KernelTable:
+class ActivityTable:
     """Rows sorted by time, and each recorded step's total (the sum of its rows' times)."""
 
-    rows: list[KernelRow]
+    rows: list[ActivityRow]
     step_totals_us: list[float]
     basis: str
 
@@ -125,7 +126,7 @@ class KernelTable:
         return sum(r.self_us for r in self.rows)
 
 
-def kernel_table(events: Sequence[FunctionEvent], device_time: bool) -> KernelTable:
+def activity_table(events: Sequence[FunctionEvent], device_time: bool) -> ActivityTable:
     """The table of the events recorded inside ``STEP_LABEL`` ranges (see the module docstring for
     why these rows and times). ``device_time``: rows are device activities, else CPU operators."""
     steps = sorted((e for e in events if e.name == STEP_LABEL and e.device_type == DeviceType.CPU),
@@ -152,9 +153,9 @@ def kernel_table(events: Sequence[FunctionEvent], device_time: bool) -> KernelTa
     for index, name, us in items:
         totals.setdefault(name, []).append(us)
         step_totals[index] += us
-    rows = sorted((KernelRow(name, len(times), sum(times)) for name, times in totals.items()),
+    rows = sorted((ActivityRow(name, len(times), sum(times)) for name, times in totals.items()),
                   key=lambda r: r.self_us, reverse=True)
-    return KernelTable(rows, step_totals, basis)
+    return ActivityTable(rows, step_totals, basis)
 
 
 def _device_items(events: Sequence[FunctionEvent],
@@ -187,7 +188,7 @@ def _device_items(events: Sequence[FunctionEvent],
             if e.device_type != DeviceType.CPU and not e.is_user_annotation and link in launcher_step]
 
 
-def write_kernels_csv(table: KernelTable, path: Path) -> None:
+def write_activities_csv(table: ActivityTable, path: Path) -> None:
     steps = len(table.step_totals_us)
     total = table.total_us
     with path.open("w", newline="") as f:
@@ -274,7 +275,7 @@ def profile_point(target: Task | tuple[Entry, Point], out_dir: Path, *, steps: i
 
     ``target`` is a sweep :class:`~bench.plan.Task` or an ``(entry, point)`` pair; the point's params
     are overlaid on the entry's defaults. Raises :class:`BadInput` when the entry cannot run the
-    point here (its ``unsupported`` reason) and :class:`PointFailed` when the point does not measure
+    point here (its ``not_supported_reasons``) and :class:`PointFailed` when the point does not measure
     ``ok``; nothing is written in either case. A sweep's ``--profile-top K`` calls this for its K
     chosen tasks, each in its worker process (the profile must run where it was measured).
     """
@@ -304,12 +305,9 @@ def profile_point(target: Task | tuple[Entry, Point], out_dir: Path, *, steps: i
         files.update(write_memory_files(snapshot, directory))
     warmup = min(MAX_PROFILER_WARMUP_STEPS, math.ceil(PROFILER_WARMUP_S * 1e3 / row["time_ms"]))
     events, step_ms = _profile_steps(timer, call, warmup, steps, cuda, directory / FILES["trace"])
-    table = kernel_table(events, device_time=cuda)
-    write_kernels_csv(table, directory / FILES["kernels"])
+    table = activity_table(events, device_time=cuda)
+    write_activities_csv(table, directory / FILES["kernels"])
 
-    per_step_ms = statistics.median(table.step_totals_us) / 1e3
-    ratio = per_step_ms / row["time_ms"]
-    total = table.total_us
     summary = {
         "variant": entry.variant, "impl": entry.impl, "family": entry.family,
         "point": {**asdict(point), "params": dict(point.params)},
@@ -317,12 +315,28 @@ def profile_point(target: Task | tuple[Entry, Point], out_dir: Path, *, steps: i
         "measured": {k: row.get(k) for k in ("time_ms", "time_ms_p20", "time_ms_p80", "reps", "noisy",
                                              "setup_ms", "peak_mem_bytes", "input_bytes", "flops",
                                              "tflops", "pct_peak", "err_ref", "err_softmax", "kernel")},
+        **_table_summary(table, steps, warmup, step_ms, row["time_ms"], top),
+        "files": files,
+        "environment": environment(point.device),
+    }
+    (directory / FILES["summary"]).write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _table_summary(table: ActivityTable, steps: int, warmup: int, step_ms: list[float], median_ms: float,
+                   top: int) -> dict[str, Any]:
+    """The summary's ``profile``, ``agreement`` and ``top_kernels`` parts, from the table of the
+    profiled steps and the point's timed median."""
+    per_step_ms = statistics.median(table.step_totals_us) / 1e3
+    ratio = per_step_ms / median_ms
+    total = table.total_us
+    return {
         "profile": {"steps": steps, "warmup_steps": warmup, "basis": table.basis, "rows": len(table.rows),
                     "table_ms_total": total / 1e3, "table_ms_per_step_mean": total / 1e3 / steps,
                     "table_ms_per_step": per_step_ms,
                     "table_step_ms": [us / 1e3 for us in table.step_totals_us], "profiled_step_ms": step_ms},
         # ratio ~ coverage x (profiled step / timed median): see the module docstring, point 4.
-        "agreement": {"table_ms_per_step": per_step_ms, "measured_median_ms": row["time_ms"],
+        "agreement": {"table_ms_per_step": per_step_ms, "measured_median_ms": median_ms,
                       "ratio": ratio, "tolerance": AGREEMENT_TOLERANCE,
                       "within": abs(ratio - 1) <= AGREEMENT_TOLERANCE,
                       "profiled_step_median_ms": statistics.median(step_ms),
@@ -330,11 +344,7 @@ def profile_point(target: Task | tuple[Entry, Point], out_dir: Path, *, steps: i
         "top_kernels": [{"name": r.name, "calls_per_step": r.calls / steps,
                          "self_ms_per_step": r.self_us / 1e3 / steps,
                          "share": r.self_us / total if total else 0.0} for r in table.rows[:top]],
-        "files": files,
-        "environment": environment(point.device),
     }
-    (directory / FILES["summary"]).write_text(json.dumps(summary, indent=1, default=str))
-    return summary
 
 
 @dataclass(frozen=True)

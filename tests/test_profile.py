@@ -27,8 +27,8 @@ from bench.measure import MeasureSettings, make_call
 from bench.profile import (
     GLUE_ROW,
     STEP_LABEL,
-    KernelTable,
-    kernel_table,
+    ActivityTable,
+    activity_table,
     profile_point,
     record_memory_snapshot,
     write_memory_files,
@@ -270,7 +270,7 @@ def parsed(specs: list[Spec], linked: bool, merged: dict[int, int] | None = None
     return [e for e, _ in specs]
 
 
-def rows(table: KernelTable) -> list[tuple[str, int, float]]:
+def rows(table: ActivityTable) -> list[tuple[str, int, float]]:
     return [(r.name, r.calls, r.self_us) for r in table.rows]
 
 
@@ -285,7 +285,7 @@ def test_device_table_counts_only_kernels_launched_inside_steps(linked):
         event("gemm_kernel", 35, 75, id=21, device=DeviceType.CUDA, linked=21),
         event(STEP_LABEL, 30, 75, id=20, device=DeviceType.CUDA, linked=20, annotation=True),
     ], linked)
-    table = kernel_table(events, device_time=True)
+    table = activity_table(events, device_time=True)
     assert rows(table) == [("gemm_kernel", 1, 40)]
     assert table.step_totals_us == [40]
 
@@ -320,7 +320,7 @@ def test_device_table_assigns_each_activity_to_its_launchers_step(linked):
         event("inner", 270, 280, id=9, device=DeviceType.CUDA, linked=10, annotation=True),
         event(STEP_LABEL, 250, 273, id=3, device=DeviceType.CUDA, linked=5, annotation=True),
     ], linked, merged={3: 2})
-    table = kernel_table(events, device_time=True)
+    table = activity_table(events, device_time=True)
     assert rows(table) == [("reduce_kernel", 2, 12), ("Memcpy HtoD (Pageable -> Device)", 1, 4),
                            ("mul_kernel", 1, 3), ("triton_kernel", 1, 2)]
     assert table.step_totals_us == [12, 9]
@@ -371,13 +371,13 @@ def test_device_table_from_this_torchs_real_events(linked, single_thread):
     assert [e.name for e in cpu_events].count(STEP_LABEL) == steps
 
     # as profiled: no device activity at all
-    idle = kernel_table(parsed([(e, 0) for e in cpu_events], linked), device_time=True)
+    idle = activity_table(parsed([(e, 0) for e in cpu_events], linked), device_time=True)
     assert (idle.rows, idle.step_totals_us) == ([], [0.0] * steps)
     if not linked:  # the CPU table never reads the field
-        assert kernel_table([without_link(e) for e in cpu_events], device_time=False) == \
-            kernel_table(cpu_events, device_time=False)
+        assert activity_table([without_link(e) for e in cpu_events], device_time=False) == \
+            activity_table(cpu_events, device_time=False)
 
-    table = kernel_table(parsed(launched_on_device(cpu_events), linked), device_time=True)
+    table = activity_table(parsed(launched_on_device(cpu_events), linked), device_time=True)
     assert rows(table) == [("gemm", products, GEMM_US * products), ("softmax_kernel", steps, SOFTMAX_US * steps)]
     assert table.step_totals_us == [GEMM_US * (j + 1) + SOFTMAX_US for j in range(steps)]
 
