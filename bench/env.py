@@ -8,6 +8,7 @@ import os
 import platform
 import socket
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,39 +16,47 @@ import torch
 
 import bench
 
-# Dense peaks (no 2:4 sparsity), TFLOP/s, from shared/REFERENCE.md (vendor datasheets, SXM parts).
-# float32 is the non-tensor-core figure: attnbench does not enable TF32.
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9},
-    "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9},
-    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
-}
+
+@dataclass(frozen=True)
+class DevicePeaks:
+    """Datasheet peaks of one device part (docs/published-figures.md, "Device peaks"): its name holds
+    every word of ``words`` and none of ``excluded`` (the PCIe and NVL parts of a model have other
+    clocks and memories, so they match no row and get no figure)."""
+
+    words: tuple[str, ...]
+    excluded: tuple[str, ...]
+    tflops: dict[str, float]  # dense (no 2:4 sparsity); float32 without TF32, which attnbench leaves off
+    bandwidth_tbps: float
+
+    def matches(self, device_name: str) -> bool:
+        name = device_name.upper()
+        return all(w in name for w in self.words) and not any(w in name for w in self.excluded)
 
 
-# Memory bandwidth, TB/s, from the same datasheets: (words the device name holds, words it must not
-# hold, peak). The PCIe and NVL parts of a model have other memories, so they get no figure.
-PEAK_BANDWIDTH_TBPS: tuple[tuple[tuple[str, ...], tuple[str, ...], float], ...] = (
-    (("H200",), ("NVL",), 4.8),
-    (("H100",), ("PCIE", "NVL"), 3.35),
-    (("A100", "80GB"), ("PCIE",), 2.04),
+_HOPPER = {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9}
+_AMPERE = {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}
+DEVICE_PEAKS: tuple[DevicePeaks, ...] = (
+    DevicePeaks(("H200",), ("NVL",), _HOPPER, 4.8),
+    DevicePeaks(("H100",), ("PCIE", "NVL"), _HOPPER, 3.35),
+    DevicePeaks(("A100", "80GB"), ("PCIE",), _AMPERE, 2.04),
+    DevicePeaks(("A100", "40GB"), ("PCIE",), _AMPERE, 1.555),
 )
 
 
+def _peaks(device_name: str) -> DevicePeaks | None:
+    return next((p for p in DEVICE_PEAKS if p.matches(device_name)), None)
+
+
 def peak_tflops(device_name: str, dtype: str) -> float | None:
-    """The datasheet peak for a device in the table, else None (never a guess)."""
-    for model, peaks in PEAK_TFLOPS.items():
-        if model in device_name.upper():
-            return peaks.get(dtype)
-    return None
+    """The datasheet compute peak of a device in the table, else None (never a guess)."""
+    peaks = _peaks(device_name)
+    return peaks.tflops.get(dtype) if peaks else None
 
 
 def peak_bandwidth(device_name: str) -> float | None:
     """The datasheet memory bandwidth (TB/s) of a device in the table, else None (never a guess)."""
-    name = device_name.upper()
-    for words, excluded, tbps in PEAK_BANDWIDTH_TBPS:
-        if all(w in name for w in words) and not any(w in name for w in excluded):
-            return tbps
-    return None
+    peaks = _peaks(device_name)
+    return peaks.bandwidth_tbps if peaks else None
 
 
 def device_name(device: str) -> str:

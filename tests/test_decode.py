@@ -219,3 +219,15 @@ def test_report_has_a_decode_section():
     assert "n ≈ 2" in section and "linear-elu1/recurrent" in section
     assert "3.3×" in section  # 6.5536 / 2 at n = 65,536
     assert "Time and memory" in text and 'data-panel="decode' not in text[:text.index('id="decode"')]
+
+
+@pytest.mark.parametrize("name, tflops, tbps", [
+    ("NVIDIA H100 80GB HBM3", 989.4, 3.35), ("NVIDIA H200", 989.4, 4.8),
+    ("NVIDIA A100-SXM4-80GB", 312.0, 2.04), ("NVIDIA A100-SXM4-40GB", 312.0, 1.555),
+    ("NVIDIA H100 PCIe", None, None), ("NVIDIA H100 NVL", None, None), ("NVIDIA A100-PCIE-40GB", None, None),
+    ("NVIDIA GeForce RTX 4090", None, None), ("", None, None),
+])
+def test_peak_tables_match_only_the_parts_they_describe(name, tflops, tbps):
+    from bench.env import peak_bandwidth, peak_tflops
+
+    assert peak_tflops(name, "bfloat16") == tflops and peak_bandwidth(name) == tbps
