@@ -1,4 +1,5 @@
-"""Sparse patterns: one mask function, every derived form agrees with it and with DESIGN.md §4.
+"""Sparse patterns: one mask function, every derived form agrees with it and with the rules in
+docs/variants.md ("One mask function").
 
 Forms checked against each other exactly (``torch.equal``):
 dense boolean mask, the FlexAttention BlockMask expanded to elements, the xformers bias (local only),
@@ -49,7 +50,7 @@ def _xformers_attn_bias():
 # --- the rule, computed independently ---------------------------------------------------------------
 
 def _expected_mask(sparsity: str, params: dict, causal: bool, n: int) -> torch.Tensor:
-    """DESIGN.md §4, token by token: local |i−j| ≤ w, atrous (i−j) mod k = 0, strided = union;
+    """The rules of docs/variants.md, token by token: local |i−j| ≤ w, atrous (i−j) mod k = 0, strided = union;
     causal adds j ≤ i."""
     rows = []
     for i in range(n):

@@ -10,8 +10,10 @@ from typer.testing import CliRunner
 import variants
 from bench import train
 from bench.cli import app
-from bench.tasks import MQAR, Bytes
-from variants.model import GELUS, ModelConfig, TinyLM, gelu_max_abs_error, token_loss_sum
+from bench.errors import BadInput
+from bench.measure import MeasureSettings
+from bench.train.model import GELUS, ModelConfig, TinyLM, gelu_max_abs_error, token_loss_sum
+from bench.train.tasks import MQAR, Bytes
 
 SMALL = ModelConfig(vocab=64, seq_len=32, d_model=32, layers=3, heads=2)
 
@@ -177,7 +179,7 @@ def test_short_training_lowers_the_loss(tmp_path):
     task = train.expand(train.TrainSpec(studies=(study,)), "cpu")[0]
     untrained = train.evaluate(TinyLM(task.config(), variants.get("standard/sdpa-math")),
                                MQAR(vocab=64, seq_len=32, pairs=4).eval_batches(16, 4, 0))[0]
-    row = task.execute(train.MeasureSettings())
+    row = task.execute(MeasureSettings())
     assert row["status"] == "ok"
     assert row["final_loss"] < untrained - 0.3, (row["final_loss"], untrained)
     assert row["n_params"] > 0 and row["opt_state_bytes"] == 2 * row["grad_bytes"] + 4 * len(
@@ -225,7 +227,7 @@ model = { layers = 3 }
     assert (a.variants, a.steps, a.model) == (("standard/sdpa-math", "local/blocked"), 7, {"d_model": 32, "mlp_ratio": 0})
     assert (b.variants, b.steps, b.model) == (("linear-elu1/chunked",), 7, {"layers": 3})  # whole table replaced
     config.write_text('[train]\nvariants = "standard"\n[[study]]\nname = "a"\n')
-    with pytest.raises(train.BadInput, match="train.variants must be a list"):
+    with pytest.raises(BadInput, match="train.variants must be a list"):
         train.load(None, config)
 
 

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Entry
+from variants.registry import Entry, is_int_at_least
+
+from .tasks import IGNORE
 
 GELUS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "exact": F.gelu,  # x·Φ(x) with the erf
@@ -64,20 +66,25 @@ class ModelConfig:
     attn_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, int) or self.mlp_ratio < 0:
+        if not is_int_at_least(self.mlp_ratio, 0):
             raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be an integer ≥ 0 (0 = attention-only)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, entry: Entry) -> None:
         super().__init__()
-        self.heads, self.entry, self.params = cfg.heads, entry, entry.resolve(cfg.attn_params)
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.entry, self.params = entry, entry.resolve(cfg.attn_params)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+        q, k, v = (t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).chunk(3, dim=-1))
         y = self.entry.forward(q, k, v, causal=True, **self.params)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
@@ -148,8 +155,8 @@ class TinyLM(nn.Module):
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of token cross-entropies over labelled positions (label −100 = ignored), and their count;
-    logits (..., vocab) with labels of the leading shape."""
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.flatten(), ignore_index=-100,
+    """Sum of token cross-entropies over labelled positions (label ``IGNORE`` = not scored), and their
+    count; logits (..., vocab) with labels of the leading shape."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.flatten(), ignore_index=IGNORE,
                            reduction="sum")
-    return loss, int((labels != -100).sum())
+    return loss, int((labels != IGNORE).sum())

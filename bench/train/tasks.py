@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from variants.registry import is_int_at_least
+
 IGNORE = -100
 
 
@@ -33,11 +35,11 @@ class MQAR:
     name = "mqar"
 
     def __post_init__(self) -> None:
-        if self.pairs < 1 or self.seq_len - 2 * self.pairs < self.pairs:
+        if not is_int_at_least(self.pairs) or self.seq_len - 2 * self.pairs < self.pairs:
             raise ValueError(f"mqar: seq_len={self.seq_len} cannot hold {self.pairs} pairs and their queries")
         if self.vocab // 2 - 1 < self.pairs:
             raise ValueError(f"mqar: vocab={self.vocab} is too small for {self.pairs} pairs")
-        if self.min_pairs is not None and not 1 <= self.min_pairs <= self.pairs:
+        if self.min_pairs is not None and not (is_int_at_least(self.min_pairs) and self.min_pairs <= self.pairs):
             raise ValueError(f"mqar: min_pairs={self.min_pairs} must lie in [1, pairs={self.pairs}]")
 
     @property
@@ -67,8 +69,14 @@ class MQAR:
 
     def eval_batches(self, size: int, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Held-out batches, every sequence with `pairs` pairs."""
-        gen, fixed = torch.Generator().manual_seed(10_000 + seed), replace(self, min_pairs=None)
+        gen, fixed = held_out_generator(seed), replace(self, min_pairs=None)
         return [fixed.batch(size, gen) for _ in range(count)]
+
+
+def held_out_generator(seed: int) -> torch.Generator:
+    """The held-out batches' generator: a seed of its own, apart from the training batches' (seed)
+    and the accumulation check's (seed + 1)."""
+    return torch.Generator().manual_seed(10_000 + seed)
 
 
 def _distinct(low: int, high: int, count: int, rows: int, gen: torch.Generator) -> torch.Tensor:
@@ -106,7 +114,7 @@ class Bytes:
         """Python version and a hash of the file list: which text the bits per byte are measured on."""
         return _stdlib_corpus(self.holdout_every)[2]
 
-    def _windows(self, data: torch.Tensor, size: int, gen: torch.Generator):
+    def _windows(self, data: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(0, len(data) - self.seq_len - 1, (size,), generator=gen)
         window = torch.stack([data[s: s + self.seq_len + 1] for s in starts.tolist()])
         return window[:, :-1], window[:, 1:]
@@ -115,8 +123,9 @@ class Bytes:
         return self._windows(_stdlib_corpus(self.holdout_every)[0], size, gen)
 
     def eval_batches(self, size: int, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(10_000 + seed)
+        gen = held_out_generator(seed)
         return [self._windows(_stdlib_corpus(self.holdout_every)[1], size, gen) for _ in range(count)]
 
 
 TASKS = {"mqar": MQAR, "bytes": Bytes}
+TaskData = MQAR | Bytes  # a task's batches, held-out batches, vocabulary and sequence length
