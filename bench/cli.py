@@ -113,7 +113,7 @@ def list_command(
 @run_app.command("sweep")
 @bad_input_exits_2
 def sweep_command(
-    preset: Annotated[str | None, typer.Option(help="Packaged preset: quick, gpu, scaling.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Packaged preset: quick, gpu, scaling, sparse, decode.")] = None,
     config: Annotated[Path | None, typer.Option(help="A TOML spec file (see README).")] = None,
     variants_: Annotated[str | None, typer.Option("--variants", help="Comma list: variant or variant/impl.")] = None,
     seq_lens: Annotated[str | None, typer.Option(help="Comma list of sequence lengths.")] = None,
@@ -142,11 +142,7 @@ def sweep_command(
     """Measure a grid of points (variant × shape × dtype × mode); rows land in OUT/RUN_ID/ as parquet."""
     from . import plan
     from . import spec as specs
-    from .env import resolve_device
-    from .runner import default_run_id
 
-    if resume and not run_id:
-        raise BadInput("--resume needs the --run-id of the run to finish")
     spec = specs.load(preset, config)
     spec = specs.override(
         spec, variants=specs.parse_list(variants_, "variants"), seq_lens=specs.parse_list(seq_lens, "seq-lens", int),
@@ -159,23 +155,24 @@ def sweep_command(
     if cuda_graph:
         spec = replace(spec, measure=replace(spec.measure, cuda_graph=True))
     specs.validate(spec)
-    device_name = resolve_device(spec.device)
+    device_name, run_id, jobs = _run_setup(spec, run_id, resume, out_dir, executor, shard_size, partition,
+                                           account, time_min, gpus_per_node)
     _check_cuda_graph(spec.measure.cuda_graph, device_name)
-    run_id = run_id or default_run_id(device_name)
-    jobs = _job_options(executor, spec, shard_size, partition, account, time_min, gpus_per_node)
     if profile_top < 0 or (profile_top and jobs is not None):
         raise BadInput(f"--profile-top {profile_top}: give K >= 0, with the local executor")
-    _refuse_existing_run(out_dir, run_id, resume)
     tasks = plan.expand(spec, device_name)
     _launch(spec, tasks, out_dir, run_id, resume, executor, jobs, wait)
     if profile_top:
-        from .profile import profile_slowest
-        from .store import read_results, run_dir
+        _profile_slowest(spec, tasks, out_dir, run_id, profile_top, profile_dir)
 
-        directory = run_dir(out_dir, run_id)
-        profiles = profile_slowest(tasks, read_results([directory]), profile_top, profile_dir, directory,
-                                   spec.timeout_s)
-        err.print(f"profiles of the {len(profiles)} slowest points: {profile_dir}/ (listed in {directory}/_profiles.json)")
+
+def _profile_slowest(spec, tasks, out_dir: Path, run_id: str, k: int, profile_dir: Path) -> None:
+    from .profile import profile_slowest
+    from .store import read_results, run_dir
+
+    directory = run_dir(out_dir, run_id)
+    profiles = profile_slowest(tasks, read_results([directory]), k, profile_dir, directory, spec.timeout_s)
+    err.print(f"profiles of the {len(profiles)} slowest points: {profile_dir}/ (listed in {directory}/_profiles.json)")
 
 
 # --- bench run train -----------------------------------------------------------------------------
@@ -184,7 +181,7 @@ def sweep_command(
 @bad_input_exits_2
 def train_command(
     preset: Annotated[str | None, typer.Option(help="Packaged train preset: quick (CPU), gpu.")] = None,
-    config: Annotated[Path | None, typer.Option(help="A TOML training spec (see bench/train.py).")] = None,
+    config: Annotated[Path | None, typer.Option(help="A TOML training spec (see bench/train/spec.py).")] = None,
     study: Annotated[str | None, typer.Option(help="Comma list: run only these studies of the spec.")] = None,
     variants_: Annotated[str | None, typer.Option("--variants", help="Comma list: attention variant[/impl].")] = None,
     task: Annotated[str | None, typer.Option(help="mqar or bytes.")] = None,
@@ -204,22 +201,31 @@ def train_command(
     """Train a tiny LM built from each attention: accumulation, layer sharing, GELU forms, task quality."""
     from . import spec as specs
     from . import train
-    from .env import resolve_device
-    from .runner import default_run_id
 
-    if resume and not run_id:
-        raise BadInput("--resume needs the --run-id of the run to finish")
     spec = train.override(
         train.load(preset, config), device=device, seeds=seeds, timeout_s=timeout_s,
         only=specs.parse_list(study, "study"), variants=specs.parse_list(variants_, "variants"), task=task,
         accum_steps=specs.parse_list(accum_steps, "accum-steps", int), sharing=specs.parse_list(sharing, "sharing"),
         gelu=specs.parse_list(gelu, "gelu"), steps=steps)
     train.validate(spec)
+    device_name, run_id, jobs = _run_setup(spec, run_id, resume, out_dir, executor, shard_size, partition,
+                                           account, time_min, gpus_per_node)
+    _launch(spec, train.expand(spec, device_name), out_dir, run_id, resume, executor, jobs, wait)
+
+
+def _run_setup(spec, run_id: str | None, resume: bool, out_dir: Path, executor: str, *job_flags):
+    """Where a run goes and as what, checked before anything is written: its device, its id, the job
+    settings of a submitit executor (None for local)."""
+    from .env import resolve_device
+    from .runner import default_run_id
+
+    if resume and not run_id:
+        raise BadInput("--resume needs the --run-id of the run to finish")
     device_name = resolve_device(spec.device)
     run_id = run_id or default_run_id(device_name)
-    jobs = _job_options(executor, spec, shard_size, partition, account, time_min, gpus_per_node)
+    jobs = _job_options(executor, spec, *job_flags)
     _refuse_existing_run(out_dir, run_id, resume)
-    _launch(spec, train.expand(spec, device_name), out_dir, run_id, resume, executor, jobs, wait)
+    return device_name, run_id, jobs
 
 
 def _job_options(executor: str, spec, shard_size, partition, account, time_min, gpus_per_node):
@@ -363,7 +369,6 @@ def profile_command(
     """Profile one point into OUT/<variant>-<impl>-<shape>/: trace.json (Perfetto, chrome://tracing),
     kernels.csv (its top rows printed, its total checked against the timed median), summary.json and,
     on CUDA, memory.pickle and memory.html (PyTorch's memory_viz)."""
-    import variants
 
     from . import plan
     from . import spec as specs
@@ -380,18 +385,9 @@ def profile_command(
         raise BadInput(f"--out {str(out_dir)!r} is a file")
     _check_cuda_graph(cuda_graph, resolve_device(spec.device))
     settings = replace(PROFILE_SETTINGS, cuda_graph=cuda_graph)
-    runnable, skipped = [], []
-    for task in plan.expand(spec, resolve_device(spec.device)):
-        reason = "; ".join(variants.get(task.variant, task.impl).not_supported_reasons(task.point))
-        (skipped if reason else runnable).append((task, reason))
-    # Everything is checked before anything runs: a named impl that cannot run, or a variant none of
-    # whose impls can, is bad input.
-    if skipped and ("/" in selector or not runnable):
-        raise BadInput("; ".join(f"{t.name} cannot run this point: {r}" for t, r in skipped))
-    for task, reason in skipped:
-        err.print(f"[yellow]skipped[/] {task.name}: {reason}", highlight=False)
+    runnable = _runnable(plan.expand(spec, resolve_device(spec.device)), named_impl="/" in selector)
     failed = False
-    for task, _ in runnable:
+    for task in runnable:
         err.print(f"profiling {task.label()}", highlight=False)
         try:
             summary = profile_point(task, out_dir, steps=steps, top=top, settings=settings)
@@ -402,6 +398,23 @@ def profile_command(
         _print_profile(summary)
     if failed:
         raise typer.Exit(1)
+
+
+def _runnable(tasks: list, named_impl: bool) -> list:
+    """The tasks whose entry can run their point here; the others are listed as skipped. Checked
+    before anything runs: a named impl that cannot run, or a variant none of whose impls can, is bad
+    input."""
+    import variants
+
+    runnable, skipped = [], []
+    for task in tasks:
+        reason = "; ".join(variants.get(task.variant, task.impl).not_supported_reasons(task.point))
+        (skipped if reason else runnable).append((task, reason))
+    if skipped and (named_impl or not runnable):
+        raise BadInput("; ".join(f"{t.name} cannot run this point: {r}" for t, r in skipped))
+    for task, reason in skipped:
+        err.print(f"[yellow]skipped[/] {task.name}: {reason}", highlight=False)
+    return [task for task, _ in runnable]
 
 
 def _print_profile(summary: dict) -> None:
