@@ -4,6 +4,7 @@ non-ok rows only under Problems, training rows ignored), from a real tiny sweep,
 
 from __future__ import annotations
 
+import glob
 import html
 import math
 import os
@@ -11,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -156,11 +158,11 @@ def test_crossover_is_interpolated_on_log_log() -> None:
     n = [256, 512, 1024, 2048, 4096]
     ratio = [1000 / x for x in n]  # time ∝ n vs reference ∝ n²: equal at n = 1000
     found = analysis.crossover(n, ratio)
-    assert found.kind == "at" and found.length == pytest.approx(1000, rel=1e-9)
-    assert analysis.crossover(n, [0.5] * 5).kind == "always"
-    assert analysis.crossover(n, [2.0] * 5).kind == "never"
+    assert found.outcome == "at" and found.length == pytest.approx(1000, rel=1e-9)
+    assert analysis.crossover(n, [0.5] * 5).outcome == "always"
+    assert analysis.crossover(n, [2.0] * 5).outcome == "never"
     # Winning early and losing at the largest length is not a crossover.
-    assert analysis.crossover(n, [0.5, 0.5, 2, 2, 2]).kind == "never"
+    assert analysis.crossover(n, [0.5, 0.5, 2, 2, 2]).outcome == "never"
     assert analysis.crossover(n, [2, 0.5, 2, 0.5, 0.5]).length == pytest.approx(1024 * 2 ** 0.5)
 
 
@@ -297,6 +299,17 @@ def test_report_name_is_a_safe_file_name() -> None:
 
     assert report_name(pd.DataFrame({"run_id": ["../../etc/x"]})) == "etc_x"
     assert report_name(pd.DataFrame({"run_id": ["b", "a", "a"]})) == "a+1-more"
+
+
+def test_every_template_is_package_data() -> None:
+    """The page is rendered from bench/report/templates/: a wheel carries exactly what pyproject's
+    package-data globs match there, so every file must be matched (a new subfolder would not be)."""
+    root = Path(__file__).parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    shipped = {Path(path) for pattern in config["tool"]["setuptools"]["package-data"]["bench"]
+               for path in glob.glob(pattern, root_dir=root / "bench")}
+    templates = {p.relative_to(root / "bench") for p in (root / "bench/report/templates").rglob("*") if p.is_file()}
+    assert Path("report/templates/page.html.j2") in templates and templates <= shipped
 
 
 def big_table(rows: int = 100_000, seed: int = 0) -> pd.DataFrame:

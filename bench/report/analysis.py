@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,8 +51,8 @@ def kernel_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Timings:
-    """Ok points of one kind (full-sequence calls, or decode steps) aggregated into drawn panels,
-    their ratios against the baseline and their scaling fits."""
+    """Ok points of full-sequence calls, or of decode steps, aggregated into drawn panels, their
+    ratios against the baseline and their scaling fits."""
 
     agg: pd.DataFrame
     panels: Panels
@@ -66,13 +66,16 @@ def timings(ok: pd.DataFrame, baseline: str | None) -> Timings:
     return Timings(agg, panels, ratios(agg, baseline), scaling(agg))
 
 
+DECODE_COLUMNS = ["panel", "series", "family", "seq_len", "time_ms", "speedup", "cache_bytes", "cache_ratio",
+                  "gbps", "pct_bandwidth", "crossover"]
+
+
 def decode_table(decode: Timings) -> pd.DataFrame:
     """Per (panel, series), at its largest length: step time, speed-up and cache size against the
     best standard step there (family standard or baseline), achieved bandwidth, and the crossover."""
     agg = decode.agg
     if agg.empty:
-        return pd.DataFrame(columns=["panel", "series", "family", "seq_len", "time_ms", "speedup", "cache_bytes",
-                                     "cache_ratio", "gbps", "pct_bandwidth", "crossover"])
+        return pd.DataFrame(columns=DECODE_COLUMNS)
     standard = best_per_point(agg, agg["family"].isin(STANDARD_FAMILIES), "std")
     cache = agg[agg["family"].isin(STANDARD_FAMILIES)].groupby(["panel", "seq_len"])["cache_bytes"].min()
     last = agg.loc[agg.groupby(["panel", "series"])["seq_len"].idxmax()].merge(standard, on=["panel", "seq_len"],
@@ -81,8 +84,7 @@ def decode_table(decode: Timings) -> pd.DataFrame:
                        cache_ratio=last["cache_bytes"] / last.set_index(["panel", "seq_len"]).index.map(cache))
     crossovers = decode.fits.set_index(["panel", "series"])["crossover"]
     last["crossover"] = [crossovers.get((p, s)) for p, s in zip(last["panel"], last["series"], strict=True)]
-    return last[["panel", "series", "family", "seq_len", "time_ms", "speedup", "cache_bytes", "cache_ratio",
-                 "gbps", "pct_bandwidth", "crossover"]]
+    return last[DECODE_COLUMNS]
 
 
 def json_object(text: object) -> dict | None:
@@ -135,6 +137,10 @@ class Panels:
     columns: list[str]
     titles: list[str]
     omitted: list[str]
+
+    def split(self, frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+        """(title, the frame's rows of that panel) per drawn panel, in drawing order."""
+        return [(title, frame[frame["panel"] == title]) for title in self.titles]
 
 
 def aggregate(ok: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -232,18 +238,22 @@ def best_point(ratio: pd.DataFrame, column: str, better: str, timed: bool) -> pd
     return pool.loc[pool[column].idxmax() if better == "max" else pool[column].idxmin()]
 
 
+def _full_scale(points: pd.DataFrame, achieved: str, percent: str) -> float | None:
+    """The device figure a ``percent`` column is of (100 % of it), recovered from the rows where it is
+    known as ``achieved`` ÷ ``percent``."""
+    known = points.dropna(subset=[percent])
+    known = known[known[percent] > 0]
+    return float((100 * known[achieved] / known[percent]).median()) if len(known) else None
+
+
 def device_peak(points: pd.DataFrame) -> float | None:
-    """The device peak (TFLOP/s) behind ``pct_peak``, recovered from the rows where it is known."""
-    known = points.dropna(subset=["pct_peak"])
-    known = known[known["pct_peak"] > 0]
-    return float((100 * known["tflops"] / known["pct_peak"]).median()) if len(known) else None
+    """The device peak (TFLOP/s) behind ``pct_peak``."""
+    return _full_scale(points, "tflops", "pct_peak")
 
 
 def device_bandwidth(points: pd.DataFrame) -> float | None:
-    """The device bandwidth (GB/s) behind ``pct_bandwidth``, recovered from the rows where it is known."""
-    known = points.dropna(subset=["pct_bandwidth"])
-    known = known[known["pct_bandwidth"] > 0]
-    return float((100 * known["gbps"] / known["pct_bandwidth"]).median()) if len(known) else None
+    """The device bandwidth (GB/s) behind ``pct_bandwidth``."""
+    return _full_scale(points, "gbps", "pct_bandwidth")
 
 
 def best_pct_peak(agg: pd.DataFrame, panels: Panels) -> pd.DataFrame:
@@ -271,16 +281,16 @@ def fit_exponent(n: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
 class Crossover:
     """Where a series becomes, and stays, faster than a reference across the measured range.
 
-    ``kind`` is "at" (``length`` is the log-log interpolated crossing), "always" (faster at every
+    ``outcome`` is "at" (``length`` is the log-log interpolated crossing), "always" (faster at every
     measured length) or "never" (not faster at the largest length)."""
 
-    kind: str
+    outcome: str
     length: float | None = None
 
     def text(self, first: int, last: int) -> str:
-        if self.kind == "at":
+        if self.outcome == "at":
             return f"n ≈ {self.length:,.0f}"
-        return f"faster throughout (n ≥ {first:,})" if self.kind == "always" else f"never in range (n ≤ {last:,})"
+        return f"faster throughout (n ≥ {first:,})" if self.outcome == "always" else f"never in range (n ≤ {last:,})"
 
 
 def crossover(n: Sequence[float], ratio: Sequence[float]) -> Crossover:
@@ -317,11 +327,16 @@ def scaling(agg: pd.DataFrame) -> pd.DataFrame:
             if not joined.empty:
                 found = crossover(joined["seq_len"], joined["time_ms"] / joined["std_time"])
                 row.update(crossover=found.text(int(joined["seq_len"].min()), int(joined["seq_len"].max())),
-                           crossover_kind=found.kind, crossover_n=found.length)
+                           crossover_outcome=found.outcome, crossover_n=found.length)
         rows.append(row)
     columns = ["panel", "series", "family", "n_min", "n_max", "points", "batch", "p_time", "r2_time",
-               "p_mem", "r2_mem", "crossover", "crossover_kind", "crossover_n"]
+               "p_mem", "r2_mem", "crossover", "crossover_outcome", "crossover_n"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def distinct(column: pd.Series, write: Callable[[object], str] = str) -> str:
+    """The column's distinct values (missing ones left out), written, sorted and comma-joined."""
+    return ", ".join(sorted({write(v) for v in column.dropna().drop_duplicates().tolist()}))
 
 
 def _range_text(values: pd.Series) -> str:
@@ -346,8 +361,8 @@ def _where(kind: str, group: pd.DataFrame) -> str:
     """Where a group of rows of one kind ran: kernel points by modes and lengths, training runs by
     study (the ``study`` column of training rows)."""
     if kind == "train":
-        return f"training · study {', '.join(sorted(map(str, group['study'].unique())))}"
-    return f"{', '.join(sorted(map(str, group['mode'].unique())))} · n={_range_text(group['seq_len'])}"
+        return f"training · study {distinct(group['study'])}"
+    return f"{distinct(group['mode'])} · n={_range_text(group['seq_len'])}"
 
 
 def problems(measured: pd.DataFrame) -> pd.DataFrame:
@@ -394,7 +409,7 @@ def environment(rows: pd.DataFrame) -> pd.DataFrame:
     columns = {}
     for run_id, run in rows.groupby("run_id", dropna=False, sort=True):
         when = pd.to_datetime(run["ts"], utc=True, errors="coerce").dropna()
-        info = {f: ", ".join(sorted({str(v) for v in run[f].dropna().unique()})) or "—" for f in ENVIRONMENT_FIELDS}
+        info = {f: distinct(run[f]) or "—" for f in ENVIRONMENT_FIELDS}
         if info["throttle"] == "—" and run["sm_clock_mhz"].notna().any():  # watched (NVML), never seen
             info["throttle"] = "none seen"
         info["started"] = f"{when.min():%Y-%m-%d %H:%M:%S %Z}" if len(when) else "—"
@@ -434,8 +449,8 @@ def _crossover_sentence(contenders: pd.DataFrame) -> list[str]:
     """How many non-standard series of a panel overtake standard attention, and the earliest."""
     if contenders.empty:
         return []
-    wins = contenders[contenders["crossover_kind"].isin(["at", "always"])]
-    crossing = wins[wins["crossover_kind"] == "at"].sort_values("crossover_n")
+    wins = contenders[contenders["crossover_outcome"].isin(["at", "always"])]
+    crossing = wins[wins["crossover_outcome"] == "at"].sort_values("crossover_n")
     earliest = (f" (earliest crossing: {crossing['series'].iloc[0]} at n ≈ {crossing['crossover_n'].iloc[0]:,.0f})"
                 if len(crossing) else "")
     return [f"{len(wins)} of {len(contenders)} non-standard series overtake the fastest standard "
@@ -453,7 +468,7 @@ def summary(kernel: pd.DataFrame, agg: pd.DataFrame, panels: Panels, ratio: pd.D
         here = ratio[ratio["panel"] == panel]
         if len(here):
             sentences.append(_best_sentence(here, panel, against))
-        sentences += _crossover_sentence(fits[(fits["panel"] == panel) & fits["crossover_kind"].notna()])
+        sentences += _crossover_sentence(fits[(fits["panel"] == panel) & fits["crossover_outcome"].notna()])
     if ratio.empty:
         sentences.append("No point has both a baseline and another series measured, so there are no "
                          "speed-ups to report." if len(agg) else "No kernel point ran successfully.")

@@ -22,6 +22,7 @@ import matplotlib.colors as mcolors  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib import ticker  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.font_manager import FontProperties  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
@@ -70,6 +71,11 @@ def legend_key(series: str, family: str) -> tuple:
     order (variant-2 before variant-10)."""
     rank = {BASELINE_FAMILY: 0, "standard": 1}.get(family, 2)
     return rank, [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", series)]
+
+
+def legend_order(series: Iterable[str], families: Iterable[str]) -> dict[str, str]:
+    """Each series' family, in legend order (what ``styles`` takes); ``series`` and ``families`` pair up."""
+    return dict(sorted(zip(series, families, strict=True), key=lambda sf: legend_key(*sf)))
 
 
 def styles(family_of: dict[str, str], baseline: str | None) -> dict[str, Style]:
@@ -195,6 +201,24 @@ def _log_y(ax) -> None:
     _plain_log_labels(ax.yaxis)
 
 
+def _log_log(plots: Iterable[tuple[Axes, str, str]], lengths: Iterable[float],
+             x_label: str = "sequence length n (tokens)") -> None:
+    """Each (axes, y label, title) log–log against ``lengths``, titled at the left."""
+    lengths = list(lengths)  # an iterator would be used up by the first axes
+    for ax, label, title in plots:
+        _length_axis(ax, lengths, x_label)
+        _log_y(ax)
+        ax.set_ylabel(label)
+        ax.set_title(title, loc="left")
+
+
+def _percent_axis(ax: Axes, full_scale: float, label: str) -> None:
+    """A right-hand axis of % of ``full_scale`` (a device's peak or bandwidth)."""
+    right = ax.secondary_yaxis("right", functions=(lambda v: 100 * v / full_scale, lambda p: p * full_scale / 100))
+    _plain_log_labels(right.yaxis)
+    right.set_ylabel(label)
+
+
 def _series_lines(ax, data: pd.DataFrame, column: str, style_of: dict[str, Style], timed: bool,
                   scale: float = 1.0, spread: tuple[str, str] | None = None,
                   x: str = "seq_len") -> dict[str, Line2D]:
@@ -224,6 +248,12 @@ def _series_lines(ax, data: pd.DataFrame, column: str, style_of: dict[str, Style
     return handles
 
 
+def _drawn(data: pd.DataFrame, order: Sequence[str]) -> list[str]:
+    """The series of ``data``, in legend order."""
+    present = set(data["series"])
+    return [s for s in order if s in present]
+
+
 def _legend_entries(handles: dict[str, Line2D], order: Sequence[str]) -> tuple[list, list[str]]:
     names = [s for s in order if s in handles]
     return [handles[s] for s in names], [_text(s) for s in names]
@@ -244,16 +274,12 @@ def _line_canvas(labels: list[str], plots: int, plot_width: float, right: float)
 @_styled
 def scaling_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Sequence[str]) -> str:
     """Time (median, p20–p80 bars) and peak memory against n, log–log, for one panel."""
-    labels = [_text(s) for s in order if s in set(data["series"])]
+    labels = [_text(s) for s in _drawn(data, order)]
     canvas, (time_ax, mem_ax) = _line_canvas(labels, 2, PLOT_WIDTH, LEFT)
     handles = _series_lines(time_ax, data, "time_ms", style_of, True, spread=("time_ms_p20", "time_ms_p80"))
     handles |= _series_lines(mem_ax, data, "peak_mem_bytes", style_of, False, scale=MIB)
-    for ax, label, title in ((time_ax, "time per call (ms, median)", "Time"),
-                             (mem_ax, "peak memory (MiB)", "Peak memory")):
-        _length_axis(ax, data["seq_len"])
-        _log_y(ax)
-        ax.set_ylabel(label)
-        ax.set_title(title, loc="left")
+    _log_log(((time_ax, "time per call (ms, median)", "Time"), (mem_ax, "peak memory (MiB)", "Peak memory")),
+             data["seq_len"])
     canvas.legend(*_legend_entries(handles, order))
     return _svg(canvas.fig)
 
@@ -269,7 +295,7 @@ def _ratio_norm(values: np.ndarray) -> mcolors.LogNorm:
 @_styled
 def ratio_figure(data: pd.DataFrame, order: Sequence[str]) -> str:
     """Heat maps (series × n) of speed-up and memory ratio against the baseline, blue = better."""
-    rows = [s for s in order if s in set(data["series"])]
+    rows = _drawn(data, order)
     lengths = sorted(set(data["seq_len"]))
     labels = [_text(s) for s in rows]
     label_width = text_width(labels, RC["ytick.labelsize"]) + 0.15
@@ -327,7 +353,7 @@ def throughput_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Seq
                       references: Sequence[Reference], peak: float | None) -> str:
     """Achieved TFLOP/s against n, published reference curves dotted, % of device peak on the right
     axis where the peak is known."""
-    labels = [_text(s) for s in order if s in set(data["series"])] + [_text(r.label) for r in references]
+    labels = [_text(s) for s in [*_drawn(data, order), *(r.label for r in references)]]
     canvas, (ax,) = _line_canvas(labels, 1, WIDE_PLOT, LEFT if peak else GAP)
     handles, names = _legend_entries(_series_lines(ax, data, "tflops", style_of, True), order)
     for i, ref in enumerate(references):
@@ -335,14 +361,10 @@ def throughput_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Seq
                           markersize=5, color=REFERENCE_COLORS[i % len(REFERENCE_COLORS)])
         handles.append(line)
         names.append(_text(ref.label))
-    _length_axis(ax, [*data["seq_len"], *(n for ref in references for n in ref.seq_lens)])
-    _log_y(ax)
-    ax.set_ylabel("achieved TFLOP/s")
-    ax.set_title("analytic FLOPs ÷ median time", loc="left")
+    _log_log([(ax, "achieved TFLOP/s", "analytic FLOPs ÷ median time")],
+             [*data["seq_len"], *(n for ref in references for n in ref.seq_lens)])
     if peak:
-        right = ax.secondary_yaxis("right", functions=(lambda t: 100 * t / peak, lambda p: p * peak / 100))
-        _plain_log_labels(right.yaxis)
-        right.set_ylabel(f"% of device peak ({peak:g} TFLOP/s)")
+        _percent_axis(ax, peak, f"% of device peak ({peak:g} TFLOP/s)")
     canvas.legend(handles, names)
     return _svg(canvas.fig)
 
@@ -352,23 +374,16 @@ def decode_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Sequenc
                   peak_gbps: float | None) -> str:
     """Decode steps against the cache length n, log–log: time per step, the cache's size and the
     bandwidth the analytic bytes moved per step achieve (% of the device's on the right, if known)."""
-    labels = [_text(s) for s in order if s in set(data["series"])]
+    labels = [_text(s) for s in _drawn(data, order)]
     canvas, (time_ax, cache_ax, rate_ax) = _line_canvas(labels, 3, PLOT_WIDTH, LEFT)
     handles = _series_lines(time_ax, data, "time_ms", style_of, True, spread=("time_ms_p20", "time_ms_p80"))
     handles |= _series_lines(cache_ax, data, "cache_bytes", style_of, False, scale=MIB)
     handles |= _series_lines(rate_ax, data, "gbps", style_of, True)
-    for ax, label, title in ((time_ax, "time per step (ms, median)", "Time per step"),
-                             (cache_ax, "cache for the prefix (MiB)", "Cache"),
-                             (rate_ax, "GB/s (bytes moved ÷ time)", "Memory traffic")):
-        _length_axis(ax, data["seq_len"], "cache length n (tokens)")
-        _log_y(ax)
-        ax.set_ylabel(label)
-        ax.set_title(title, loc="left")
+    _log_log(((time_ax, "time per step (ms, median)", "Time per step"),
+              (cache_ax, "cache for the prefix (MiB)", "Cache"),
+              (rate_ax, "GB/s (bytes moved ÷ time)", "Memory traffic")), data["seq_len"], "cache length n (tokens)")
     if peak_gbps:
-        right = rate_ax.secondary_yaxis("right", functions=(lambda g: 100 * g / peak_gbps,
-                                                              lambda p: p * peak_gbps / 100))
-        _plain_log_labels(right.yaxis)
-        right.set_ylabel(f"% of bandwidth ({peak_gbps / 1e3:g} TB/s)")
+        _percent_axis(rate_ax, peak_gbps, f"% of bandwidth ({peak_gbps / 1e3:g} TB/s)")
     canvas.legend(*_legend_entries(handles, order))
     return _svg(canvas.fig)
 
@@ -377,16 +392,13 @@ def decode_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Sequenc
 def accumulation_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Sequence[str]) -> str:
     """Step time (median, p20–p80 bars) and peak memory of one training step against the number of
     accumulated micro-batches k (log₂), one line per setting (column ``series``)."""
-    labels = [_text(s) for s in order if s in set(data["series"])]
+    labels = [_text(s) for s in _drawn(data, order)]
     canvas, (time_ax, mem_ax) = _line_canvas(labels, 2, PLOT_WIDTH, LEFT)
     handles = _series_lines(time_ax, data, "step_time_ms", style_of, True, spread=("time_ms_p20", "time_ms_p80"),
                             x="accum_steps")
     handles |= _series_lines(mem_ax, data, "peak_mem_bytes", style_of, False, scale=MIB, x="accum_steps")
-    for ax, label, title in ((time_ax, "step time (ms, median)", "Step time"),
-                             (mem_ax, "peak memory of a step (MiB)", "Peak memory")):
-        _length_axis(ax, data["accum_steps"], "accumulated micro-batches k (batch ÷ k each)")
-        _log_y(ax)
-        ax.set_ylabel(label)
-        ax.set_title(title, loc="left")
+    _log_log(((time_ax, "step time (ms, median)", "Step time"),
+              (mem_ax, "peak memory of a step (MiB)", "Peak memory")),
+             data["accum_steps"], "accumulated micro-batches k (batch ÷ k each)")
     canvas.legend(*_legend_entries(handles, order))
     return _svg(canvas.fig)

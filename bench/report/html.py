@@ -1,7 +1,7 @@
 """The report page: one self-contained HTML file (inline SVG figures, inline CSS, no script, nothing
 fetched from a network). Every string from results goes through jinja2's autoescaping; the only
-markup inserted unescaped is SVG written by matplotlib (which escapes its text) and this module's
-own templates.
+markup inserted unescaped is SVG written by matplotlib (which escapes its text), the templates and
+the CSS (templates/: the page, its macros and one template per section).
 
 The page is a list of section builders (SECTIONS); each takes the prepared Report and returns a
 Section, or None when it has nothing to show. Kernel sections draw from rows whose kind is
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from jinja2 import DictLoader, Environment
+from jinja2 import Environment, PackageLoader
 from markupsafe import Markup
 
 from .. import __version__
@@ -61,9 +61,6 @@ class Report:
         rank = {s: i for i, s in enumerate(self.order)}
         return table.sort_values("series", key=lambda c: c.map(rank), kind="stable")
 
-    def panel_data(self, frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-        return [(title, frame[frame["panel"] == title]) for title in self.panels.titles]
-
     @property
     def measured(self) -> pd.DataFrame:
         """Kernel and training rows together (each with ``series``): what Problems lists."""
@@ -91,8 +88,7 @@ def prepare(rows: pd.DataFrame, baseline: str | None = None, profiles: Mapping[s
     decoding = ok["mode"].eq(analysis.DECODE)
     full = analysis.timings(ok[~decoding], chosen)
     families = kernel[["series", "family"]].drop_duplicates("series")
-    family_of = dict(sorted(zip(families["series"], families["family"], strict=True),
-                            key=lambda sf: figures.legend_key(*sf)))
+    family_of = figures.legend_order(families["series"], families["family"])
     train = training.train_rows(rows)
     return Report(rows=rows, kernel=kernel, agg=full.agg, panels=full.panels, baseline=chosen,
                   ratio=full.ratio, fits=full.fits, style_of=figures.styles(family_of, chosen),
@@ -103,297 +99,32 @@ def prepare(rows: pd.DataFrame, baseline: str | None = None, profiles: Mapping[s
 
 # --- templates -----------------------------------------------------------------------------------
 
-CSS = """
-:root { --fg:#1d1f23; --muted:#5b6270; --line:#e2e5ea; --bad:#a8231b; --head:#14213d; }
-* { box-sizing: border-box; }
-body { margin:0; background:#f5f6f8; color:var(--fg);
-       font:14px/1.5 system-ui,-apple-system,"Segoe UI","DejaVu Sans","Liberation Sans",sans-serif; }
-header { background:var(--head); color:#fff; }
-.wrap { max-width:1260px; margin:0 auto; padding:0 24px; }
-header .wrap { padding-top:18px; padding-bottom:14px; }
-header h1 { margin:0; font-size:22px; font-weight:600; }
-header .sub { color:#b9c4dc; font-size:13px; margin-top:2px; }
-nav ol { list-style:none; display:flex; flex-wrap:wrap; gap:4px 20px; padding:0; margin:12px 0 0; }
-nav a { color:#dfe8ff; text-decoration:none; font-size:13px; }
-nav a:hover { text-decoration:underline; }
-section { background:#fff; border:1px solid var(--line); border-radius:8px; padding:18px 22px;
-          margin:18px 0; }
-h2 { font-size:19px; margin:0 0 4px; }
-h3 { font-size:14px; margin:20px 0 4px; }
-p.note, details.note, figcaption, .muted { color:var(--muted); font-size:12.5px; }
-details.note ul { columns:2; margin:4px 0; }
-.summary { font-size:15px; margin-top:4px; }
-.overview { display:grid; grid-template-columns:minmax(0,1fr) auto; gap:8px 36px; align-items:start; }
-.overview h3 { margin-top:0; }
-.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(220px,1fr)); gap:12px; margin:14px 0; }
-.card { border:1px solid var(--line); border-radius:6px; padding:10px 14px; }
-.card .value { font-size:24px; font-weight:600; }
-.card .label { color:var(--muted); font-size:12px; }
-table { border-collapse:collapse; font-size:13px; margin:6px 0 4px; }
-th, td { padding:4px 10px; border-bottom:1px solid var(--line); text-align:left; vertical-align:top; }
-th { background:#f7f8fa; font-weight:600; white-space:nowrap; }
-td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
-td.reason { max-width:720px; overflow-wrap:anywhere; }
-td.name { white-space:nowrap; }
-td ul { margin:0; padding-left:16px; }
-tr.bad td { background:#fdf0ef; }
-figure { margin:10px 0 22px; }
-figure svg { display:block; max-width:100%; height:auto; }
-.swatch { display:inline-block; width:20px; margin-right:6px; vertical-align:middle;
-          border-top:3px solid; }
-.swatch.dashed { border-top-style:dashed; }
-.status { display:inline-block; padding:0 8px; border-radius:10px; font-size:12px; font-weight:600;
-          background:#eef1f6; color:#3b4455; }
-.status.oom, .status.error, .status.incorrect, .status.timeout, .status.fail, .status.missing {
-          background:#fde8e6; color:var(--bad); }
-.status.pass { background:#e3f3e6; color:#1d6b31; }
-p.finding { font-size:14px; margin:4px 0 8px; max-width:1000px; }
-.ratio { display:inline-block; min-width:48px; color:var(--muted); font-size:12px; }
-ul.findings { margin:4px 0; padding-left:18px; }
-ul.findings li { margin:3px 0; }
-td.path { font-family:ui-monospace,"DejaVu Sans Mono",monospace; font-size:12px; overflow-wrap:anywhere;
-          max-width:420px; }
-"""
-
-PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>attnbench report — {{ name }}</title>
-<style>{{ css }}</style></head>
-<body>
-<header><div class="wrap">
-<h1>attnbench report — {{ name }}</h1>
-<div class="sub">{{ subtitle }}</div>
-<nav><ol>{% for s in sections %}<li><a href="#{{ s.id }}">{{ loop.index }}. {{ s.title }}</a></li>{% endfor %}</ol></nav>
-</div></header>
-<main class="wrap">
-{% for s in sections %}<section id="{{ s.id }}"><h2>{{ loop.index }}. {{ s.title }}</h2>
-{{ s.body }}
-</section>
-{% endfor %}
-<p class="muted">Generated by attnbench {{ version }} on {{ generated }}. Self-contained: no script, nothing
-fetched from a network.</p>
-</main></body></html>
-"""
-
-MACROS = """
-{% macro swatch(style) %}{% if style %}<span class="swatch{{ ' dashed' if style.dashed }}" style="border-color:{{ style.color }}"></span>{% endif %}{% endmacro %}
-{% macro series(name, styles) %}{{ swatch(styles.get(name)) }}{{ name }}{% endmacro %}
-{% macro study_head(study) %}<h3>Study {{ study.name }}</h3>
-<p class="note">{{ study.description() }}</p>{% endmacro %}
-{% macro ratio(value) %} <span class="ratio">{{ value | times }}</span>{% endmacro %}
-{% macro check(value) %}{% if value %}<span class="status {{ value }}">{{ value }}</span>{% else %}—{% endif %}{% endmacro %}
-{% macro panels(items) %}{% for title, svg in items %}<figure class="panel" data-panel="{{ title }}">
-<h3>{{ title }}</h3>{{ svg }}{% if caller %}<figcaption>{{ caller() }}</figcaption>{% endif %}</figure>
-{% else %}<p class="note">No ok kernel point to draw.</p>{% endfor %}{% endmacro %}
-"""
-
-TEMPLATES = {
-    "macros": MACROS,
-    "page": PAGE,
-    "overview": """<div class="cards">{% for card in cards %}<div class="card"><div class="value">{{ card.value }}</div>
-<div class="label">{{ card.label }}</div></div>{% endfor %}</div>
-<div class="overview"><div><h3>Summary</h3>{% if summary %}<p class="summary">{{ summary | join(' ') }}</p>{% endif %}
-{% if findings %}<h3>Training</h3><ul class="findings">{% for f in findings %}<li>{{ f }}</li>{% endfor %}</ul>{% endif %}</div>
-<div><h3>Environment</h3>
-<table><tr><th></th>{% for run in env.columns %}<th>run {{ run }}</th>{% endfor %}</tr>
-{% for field, values in env.iterrows() %}<tr><th>{{ field | replace('_', ' ') }}</th>{% for v in values %}<td>{{ v }}</td>{% endfor %}</tr>
-{% endfor %}</table></div></div>""",
-    "scaling_plots": """{% from "macros" import panels %}
-<p class="note">Median time per call (bars: p20–p80 of the repetitions) and peak memory against sequence
-length, log–log. Dashed lines are the baseline family{% if chosen %} and the chosen baseline,
-{{ chosen }}{% endif %}; hollow markers are noisy points (p80/p20 above the sweep's threshold), crossed
-ones launch-bound (the host took at least as long to enqueue the call as the device took to run it, so
-in a training loop the GPU would wait on Python). Only rows with status ok are drawn.</p>
-{% if omitted %}<details class="note"><summary>Only the {{ shown }} panels with the most points are
-drawn, in every section; {{ omitted | length }} more are not.</summary>
-<ul>{% for title in omitted %}<li>{{ title }}</li>{% endfor %}</ul></details>{% endif %}
-{{ panels(items) }}""",
-    "ratios": """{% from "macros" import panels %}
-<p class="note">Each series against {{ against }} at the same point: speed-up = baseline time ÷ time
-(above 1: faster), memory ratio = peak ÷ baseline peak (below 1: leaner); the time baseline is the fastest
-and the memory baseline the leanest at that point. Blue is better than the baseline, red worse, white
-equal (log colour scale centred at 1); grey cells have no baseline measured. Rows whose correctness
-check failed never appear here (see Problems).</p>
-{% call panels(items) %}Values are written in the cells up to {{ annotate }} lengths; ~ marks a speed-up where the
-series or its baseline is noisy, * one where either is launch-bound.{% endcall %}""",
-    "exponents": """{% from "macros" import series %}
-<p class="note">p is the least-squares slope of log time (or log peak memory) against log n over the fit
-range: time ∝ n<sup>p</sup>. R² says how well one power law fits. Crossover: the length from which the
-series is faster than the fastest standard implementation (family standard or baseline) at every
-larger measured length, interpolated on log–log.</p>
-{% for title, table in items %}<h3>{{ title }}</h3>
-<table><tr><th>series</th><th>family</th><th>p time</th><th>R²</th><th>p memory</th><th>R²</th>
-<th>fit range (n)</th><th>points</th><th>batch</th><th>crossover vs standard</th></tr>
-{% for r in table %}<tr><td class="name">{{ series(r.series, styles) }}</td><td>{{ r.family }}</td>
-<td class="num">{{ r.p_time | fixed }}</td><td class="num">{{ r.r2_time | fixed }}</td>
-<td class="num">{{ r.p_mem | fixed }}</td><td class="num">{{ r.r2_mem | fixed }}</td>
-<td class="num">{{ '{:,}–{:,}'.format(r.n_min, r.n_max) }}</td><td class="num">{{ r.points }}</td>
-<td class="num">{{ r.batch }}</td><td>{{ r.crossover or '—' }}</td></tr>
-{% endfor %}</table>
-{% else %}<p class="note">No ok kernel point to fit.</p>{% endfor %}""",
-    "throughput": """{% from "macros" import panels, series %}
-<p class="note">Achieved TFLOP/s = the variant's analytic FLOPs (FlashAttention convention: forward
-4·b·h·n·n<sub>kv</sub>·d, halved when causal, backward 2.5×; sparse and linear variants count their own
-work) ÷ median time. {{ peak_note }} {{ reference_note }}</p>
-{{ panels(items) }}
-{% if peaks %}<h3>Best % of device peak</h3>
-<table><tr><th>panel</th><th>series</th><th>n</th><th>TFLOP/s</th><th>% of peak</th></tr>
-{% for r in peaks %}<tr><td>{{ r.panel }}</td><td class="name">{{ series(r.series, styles) }}</td><td class="num">{{ '{:,}'.format(r.seq_len) }}</td>
-<td class="num">{{ r.tflops | sig }}</td><td class="num">{{ r.pct_peak | sig }} %</td></tr>{% endfor %}</table>{% endif %}""",
-    "decode": """{% from "macros" import series %}
-<p class="note">Generation: each step takes the new token(s) of every sequence in the batch against a cache
-of n earlier tokens — the keys and values a softmax variant keeps (all of them for standard, atrous and
-strided attention, the last <i>w</i> for local), or the fixed-size state of a linear one — and is timed
-like any call. Cache: bytes kept for the prefix. Memory traffic: the analytic bytes a step must read and
-write (cache or state, new keys and values, queries and outputs) ÷ its time, with % of the device's
-datasheet bandwidth where it is known (never guessed). Speed-up and cache ratio are against the best
-standard (softmax) step at the same n; the crossover is the cache length from which the variant's step is
-faster than the best standard one.</p>
-{% for item in items %}<h3>{{ item.title }}</h3>
-<figure class="panel" data-panel="{{ item.title }}">{{ item.svg }}</figure>
-<table><tr><th>series</th><th>n</th><th>time per step</th><th>speed-up</th><th>cache</th><th>cache ratio</th>
-<th>GB/s</th><th>% of bandwidth</th><th>faster than standard from</th></tr>
-{% for r in item.rows %}<tr><td class="name">{{ series(r.series, styles) }}</td><td class="num">{{ '{:,}'.format(r.seq_len) }}</td>
-<td class="num">{{ r.time_ms | sig }} ms</td><td class="num">{{ r.speedup | times }}</td>
-<td class="num">{{ r.cache_bytes | bytes }}</td><td class="num">{{ r.cache_ratio | times }}</td>
-<td class="num">{{ r.gbps | sig }}</td><td class="num">{% if r.pct_bandwidth is not none %}{{ r.pct_bandwidth | sig }} %{% else %}—{% endif %}</td>
-<td>{{ r.crossover or '—' }}</td></tr>{% endfor %}</table>{% endfor %}
-{% if omitted %}<p class="note">Not drawn: {{ omitted | join('; ') }}.</p>{% endif %}""",
-    "quality": """{% from "macros" import series %}
-<p class="note">err ref: relative error of the output against the variant's own float64 reference (the
-correctness check); err softmax: relative error against exact softmax attention on the same inputs
-(how far the approximation is from the real thing). Worst value over the checked points.</p>
-{% if rows %}<table><tr><th>series</th><th>family</th><th>dtype</th><th>err ref (max)</th>
-<th>err softmax (max)</th><th>checked</th><th>incorrect</th></tr>
-{% for r in rows %}<tr{% if r.incorrect %} class="bad"{% endif %}><td class="name">{{ series(r.series, styles) }}</td>
-<td>{{ r.family }}</td><td>{{ r.dtype }}</td><td class="num">{{ r.err_ref | sci }}</td>
-<td class="num">{{ r.err_softmax | sci }}</td><td class="num">{{ r.checked }}</td>
-<td class="num">{{ r.incorrect }}</td></tr>{% endfor %}</table>
-{% else %}<p class="note">No point was checked.</p>{% endif %}""",
-    "problems": """{% from "macros" import series %}
-{% if rows %}<p class="note">Every row (kernel point or training run) whose status is not ok, grouped by
-status and series; identical reasons are listed once with how often they occurred.</p>
-<table><tr><th>status</th><th>series</th><th>rows</th><th>where</th><th>reasons</th></tr>
-{% for r in rows %}<tr><td><span class="status {{ r.status }}">{{ r.status }}</span></td>
-<td class="name">{{ series(r.series, styles) }}</td><td class="num">{{ r.count }}</td><td class="name">{{ r.where }}</td>
-<td class="reason"><ul>{% for reason, count in r.reasons %}<li>{% if count > 1 %}{{ count }}× {% endif %}{{ reason }}</li>{% endfor %}</ul></td></tr>
-{% endfor %}</table>{% else %}<p class="note">None: every row is ok.</p>{% endif %}""",
-    "profiles": """{% from "macros" import series %}
-<p class="note">Points profiled by <code>bench run sweep --profile-top K</code> (the run's _profiles.json):
-each folder holds the profiler trace (trace.json, for a trace viewer such as chrome://tracing), the
-per-kernel table (kernels.csv) and the summary with the profile's agreement with the timing
-(summary.json). Links are local, relative to this report's folder; a folder or file that is not there is
-marked missing.</p>
-<table><tr><th>series</th><th>point</th><th>time (ms, median)</th><th>folder</th>{% for name in files %}<th>{{ name }}</th>{% endfor %}</tr>
-{% for r in rows %}<tr{% if not r.exists %} class="bad"{% endif %}><td class="name">{{ series(r.series, styles) if r.series else '—' }}</td>
-<td>{{ r.point or 'point not in these results' }}</td><td class="num">{{ r.time_ms | sig }}</td>
-<td class="path">{{ r.folder }}{% if not r.exists %} <span class="status missing">missing</span>{% endif %}</td>
-{% for name, href in r.links %}<td>{% if href %}<a href="{{ href }}">{{ name }}</a>{% else %}<span class="status missing">missing</span>{% endif %}</td>{% endfor %}</tr>
-{% endfor %}</table>""",
-    "train_accumulation": """{% from "macros" import study_head, series, check %}
-<p class="note">Each step's batch of B sequences is split into k micro-batches of B ÷ k whose gradients are
-summed (the loss divided by the whole step's token count) before one optimizer step. Step time: median over
-the run's steps (bars: p20–p80); peak memory: one step's activations, gradients and optimizer temporaries.
-grad rel err = ‖accumulated − full-batch gradient‖ ÷ ‖full-batch gradient‖ on the same data and weights;
-pass at ≤ {{ tolerance }}. × k=1: ÷ the value of the same setting at k = 1.</p>
-{% for s in items %}{{ study_head(s.study) }}
-{% if s.sentence %}<p class="finding">{{ s.sentence }}</p>{% endif %}
-{% if s.svg %}<figure class="train" data-study="{{ s.study.name }}">{{ s.svg }}</figure>{% endif %}
-<table><tr>{% if s.several %}<th>{{ s.setting }}</th>{% endif %}<th>k</th><th>micro-batch</th><th>step time (ms)</th>
-<th>× k=1</th><th>tokens/s</th><th>peak memory</th><th>× k=1</th><th>grad rel err</th><th>check</th><th>{{ s.metric }}</th></tr>
-{% for r in s.rows %}<tr{% if r.grad_check == 'fail' %} class="bad"{% endif %}>{% if s.several %}<td class="name">{{ series(r.label, s.styles) }}</td>{% endif %}
-<td class="num">{{ r.accum_steps }}</td><td class="num">{{ r.micro_batch }}</td><td class="num">{{ r.step_time_ms | sig }}</td>
-<td class="num">{{ r.step_time_ms_ratio | times }}</td><td class="num">{{ r.tokens_per_s | count }}</td>
-<td class="num">{{ r.peak_mem_bytes | bytes }}</td><td class="num">{{ r.peak_mem_bytes_ratio | times }}</td>
-<td class="num">{{ '—' if r.accum_steps == 1 else r.grad_rel_err | sci }}</td><td>{{ check(r.grad_check) }}</td>
-<td class="num">{{ r.quality_text or '—' }}</td></tr>
-{% endfor %}</table>
-{% endfor %}""",
-    "train_sharing": """{% from "macros" import study_head, ratio %}
-<p class="note">unshared: L independent blocks; shared: one block applied L times (ALBERT); untied: shared
-for the first part of training, then L independent copies of that block with fresh optimizer state (its
-counts are those at the end). Unique parameters count a shared block once; gradients: bytes of all
-parameters' gradients. Beside each value: × the unshared model's value in the same setting.</p>
-{% for s in items %}{{ study_head(s.study) }}
-{% if s.sentence %}<p class="finding">{{ s.sentence }}</p>{% endif %}
-<table><tr>{% if s.several %}<th>{{ s.setting }}</th>{% endif %}<th>sharing</th><th>unique params</th>
-<th>optimizer state</th><th>gradients</th><th>peak memory</th><th>step time (ms)</th><th>{{ s.metric }}</th></tr>
-{% for r in s.rows %}<tr>{% if s.several %}<td class="name">{{ r.label }}</td>{% endif %}
-<td class="name">{{ r.layer_sharing }}{% if r.layer_sharing == 'untied' and r.untie_at is not none %}
-{{ ' ' }}<span class="muted">(at {{ '{:.0%}'.format(r.untie_at) }} of the steps)</span>{% endif %}</td>
-<td class="num">{{ r.n_params | count }}{{ ratio(r.n_params_ratio) }}</td>
-<td class="num">{{ r.opt_state_bytes | bytes }}{{ ratio(r.opt_state_bytes_ratio) }}</td>
-<td class="num">{{ r.grad_bytes | bytes }}{{ ratio(r.grad_bytes_ratio) }}</td>
-<td class="num">{{ r.peak_mem_bytes | bytes }}{{ ratio(r.peak_mem_bytes_ratio) }}</td>
-<td class="num">{{ r.step_time_ms | sig }}{{ ratio(r.step_time_ms_ratio) }}</td>
-<td class="num">{{ r.quality_text or '—' }}</td></tr>
-{% endfor %}</table>
-{% endfor %}""",
-    "train_gelu": """{% from "macros" import study_head %}
-<p class="note">exact: x·Φ(x) with the erf; tanh: the tanh approximation; sigmoid: x·σ(1.702x). Max |error|
-against exact GELU as measured by the run, beside the published maximum and where it occurs
-({{ source }}). × exact: step time ÷ the exact form's in the same setting.</p>
-{% for s in items %}{{ study_head(s.study) }}
-{% if s.sentence %}<p class="finding">{{ s.sentence }}</p>{% endif %}
-<table><tr>{% if s.several %}<th>{{ s.setting }}</th>{% endif %}<th>form</th><th>max |error| measured</th><th>published</th>
-<th>at |x| ≈</th><th>step time (ms)</th><th>× exact</th><th>tokens/s</th><th>{{ s.metric }}</th></tr>
-{% for r in s.rows %}<tr>{% if s.several %}<td class="name">{{ r.label }}</td>{% endif %}
-<td class="name">{{ r.gelu }}</td><td class="num">{{ r.gelu_max_abs_err | sci }}</td><td class="num">{{ r.published | sci }}</td>
-<td class="num">{{ r.published_at | fixed }}</td><td class="num">{{ r.step_time_ms | sig }}</td>
-<td class="num">{{ r.step_time_ms_ratio | times }}</td><td class="num">{{ r.tokens_per_s | count }}</td>
-<td class="num">{{ r.quality_text or '—' }}</td></tr>
-{% endfor %}</table>
-{% endfor %}""",
-    "train_quality": """{% from "macros" import study_head, series %}
-<p class="note">Task quality after each study's fixed training budget, from rows with status ok: accuracy
-(MQAR: share of the queried values recalled, higher is better) or bits per byte on held-out text (bytes:
-lower is better); mean ± standard deviation over seeds where there are several (n = rows). Best first.</p>
-{% for s in items %}{{ study_head(s.study) }}
-{% if s.sentence %}<p class="finding">{{ s.sentence }}</p>{% endif %}
-<table><tr><th>#</th><th>{{ s.setting }}</th><th>family</th><th>{{ s.metric }}</th><th>n</th>
-<th>step time (ms)</th><th>tokens/s</th><th>peak memory</th><th>unique params</th></tr>
-{% for r in s.rows %}<tr><td class="num">{{ loop.index }}</td><td class="name">{{ series(r.label, styles) }}</td>
-<td>{{ r.family }}</td><td class="num">{{ r.quality_text or '—' }}</td><td class="num">{{ r.samples }}</td>
-<td class="num">{{ r.step_time_ms | sig }}</td><td class="num">{{ r.tokens_per_s | count }}</td>
-<td class="num">{{ r.peak_mem_bytes | bytes }}</td><td class="num">{{ r.n_params | count }}</td></tr>
-{% endfor %}</table>
-{% endfor %}""",
-}
+# The CSS and templates ship as package data (templates/, pyproject's package-data) and are read
+# through the package, not a path, so an installed wheel renders the same page as a checkout.
+LOADER = PackageLoader("bench.report", "templates")
+ENV = Environment(loader=LOADER, autoescape=True, trim_blocks=True, lstrip_blocks=True)
+# Inserted as it is, not rendered: CSS braces are not template syntax.
+CSS = Markup(LOADER.get_source(ENV, "report.css")[0])
 
 
-def _fixed(value: object) -> str:
-    return f"{value:.2f}" if isinstance(value, float | int) and pd.notna(value) else "—"
+def _or_dash(write: Callable[[float], str]) -> Callable[[object], str]:
+    """A template filter: ``write`` for a number, a dash for anything else (None, NaN, text)."""
+    def number_or_dash(value: object) -> str:
+        return write(value) if isinstance(value, float | int) and pd.notna(value) else "—"
+
+    return number_or_dash
 
 
-def _sig(value: object) -> str:
-    return f"{value:.3g}" if isinstance(value, float | int) and pd.notna(value) else "—"
-
-
-def _sci(value: object) -> str:
-    return f"{value:.2e}" if isinstance(value, float | int) and pd.notna(value) else "—"
-
-
-def _times(value: object) -> str:
-    return analysis.times(value) if isinstance(value, float | int) and pd.notna(value) else "—"
-
-
-def _count(value: object) -> str:
-    return f"{value:,.0f}" if isinstance(value, float | int) and pd.notna(value) else "—"
-
-
-def _bytes(value: object) -> str:
+def _binary_units(value: float) -> str:
     """Binary units, the largest that keeps the number at least 1 (KiB at the least)."""
-    if not (isinstance(value, float | int) and pd.notna(value)):
-        return "—"
     for shift, unit in ((30, "GiB"), (20, "MiB")):
         if value >= 1 << shift:
             return f"{value / (1 << shift):,.1f} {unit}"
     return f"{value / 1024:,.1f} KiB"
 
 
-ENV = Environment(loader=DictLoader(TEMPLATES), autoescape=True, trim_blocks=True, lstrip_blocks=True)
-ENV.filters.update(fixed=_fixed, sig=_sig, sci=_sci, times=_times, count=_count, bytes=_bytes)
+ENV.filters.update(fixed=_or_dash("{:.2f}".format), sig=_or_dash("{:.3g}".format), sci=_or_dash("{:.2e}".format),
+                   times=_or_dash(analysis.times), count=_or_dash("{:,.0f}".format), bytes=_or_dash(_binary_units))
 
 
 def _render(template: str, **context: object) -> Markup:
@@ -416,13 +147,17 @@ def _kernel_section(build: Callable[[Report], Section]) -> SectionBuilder:
     return wrapper
 
 
+def _ok_of(rows: pd.DataFrame) -> str:
+    """"ok / all" row counts, for a card."""
+    return f"{int((rows['status'] == 'ok').sum()):,} / {len(rows):,}"
+
+
 def overview_section(report: Report) -> Section:
     kernel, train = report.kernel, report.train
     summary, findings, cards = [], [], []
     if len(kernel):
         summary += analysis.summary(kernel, report.agg, report.panels, report.ratio, report.fits, report.baseline)
-        cards.append({"value": f"{int((kernel['status'] == 'ok').sum()):,} / {len(kernel):,}",
-                      "label": "kernel points ok / measured"})
+        cards.append({"value": _ok_of(kernel), "label": "kernel points ok / measured"})
         for column, better, what in (("speedup", "max", "best speed-up"), ("mem_ratio", "min", "leanest memory ratio")):
             best = analysis.best_point(report.ratio, column, better, timed=column == "speedup")
             if best is not None:
@@ -430,11 +165,10 @@ def overview_section(report: Report) -> Section:
                               "label": f"{what}: {best['series']}, {best['panel']}, n={best['seq_len']:,}"})
     if len(train):
         findings = training.summary(report.studies)
-        cards.append({"value": f"{int((train['status'] == 'ok').sum()):,} / {len(train):,}",
-                      "label": f"training runs ok / run, in {len(report.studies)} studies"})
+        cards.append({"value": _ok_of(train), "label": f"training runs ok / run, in {len(report.studies)} studies"})
     problems = report.measured["status"].ne("ok").sum()
     cards.append({"value": f"{problems:,}", "label": "rows with problems (see Problems)"})
-    body = _render("overview", cards=cards, summary=summary, findings=findings,
+    body = _render("overview.html.j2", cards=cards, summary=summary, findings=findings,
                    env=analysis.environment(report.rows))
     return Section("overview", "Summary and environment", body)
 
@@ -442,8 +176,8 @@ def overview_section(report: Report) -> Section:
 @_kernel_section
 def scaling_plots_section(report: Report) -> Section:
     items = [(title, Markup(figures.scaling_figure(data, report.style_of, report.order)))
-             for title, data in report.panel_data(report.agg)]
-    body = _render("scaling_plots", items=items, chosen=report.baseline, omitted=report.panels.omitted,
+             for title, data in report.panels.split(report.agg)]
+    body = _render("scaling_plots.html.j2", items=items, chosen=report.baseline, omitted=report.panels.omitted,
                    shown=len(report.panels.titles))
     return Section("time-memory", "Time and memory vs sequence length", body)
 
@@ -451,22 +185,22 @@ def scaling_plots_section(report: Report) -> Section:
 @_kernel_section
 def ratios_section(report: Report) -> Section:
     items = [(title, Markup(figures.ratio_figure(data, report.order)))
-             for title, data in report.panel_data(report.ratio) if len(data)]
-    body = _render("ratios", items=items, against=report.against, annotate=figures.ANNOTATE_COLUMNS)
+             for title, data in report.panels.split(report.ratio) if len(data)]
+    body = _render("ratios.html.j2", items=items, against=report.against, annotate=figures.ANNOTATE_COLUMNS)
     return Section("ratios", "Speed-up and memory ratio against the baseline", body)
 
 
 @_kernel_section
 def exponents_section(report: Report) -> Section:
-    items = [(title, _records(report.in_order(table))) for title, table in report.panel_data(report.fits)]
-    body = _render("exponents", items=items, styles=report.style_of)
+    items = [(title, _records(report.in_order(table))) for title, table in report.panels.split(report.fits)]
+    body = _render("exponents.html.j2", items=items, styles=report.style_of)
     return Section("exponents", "Scaling exponents and crossovers", body)
 
 
 @_kernel_section
 def throughput_section(report: Report) -> Section:
     items, sources = [], set()
-    for title, data in report.panel_data(report.agg):
+    for title, data in report.panels.split(report.agg):
         first = data.iloc[0]
         # A point aggregated over several devices matches no device's published figures.
         devices = set(data["device_name"].dropna()) if data["devices"].max() <= 1 else set()
@@ -481,14 +215,14 @@ def throughput_section(report: Report) -> Section:
     peaks = analysis.best_pct_peak(report.agg, report.panels)
     peak_note = ("% of peak uses the device's datasheet peak for the dtype." if len(peaks) else
                  "No % of peak: the device is not in the peak table (a peak is never guessed).")
-    body = _render("throughput", items=items, reference_note=reference_note, peak_note=peak_note,
+    body = _render("throughput.html.j2", items=items, reference_note=reference_note, peak_note=peak_note,
                    peaks=_records(peaks), styles=report.style_of)
     return Section("throughput", "Throughput", body)
 
 
 @_kernel_section
 def quality_section(report: Report) -> Section:
-    body = _render("quality", rows=_records(report.in_order(analysis.quality(report.kernel))),
+    body = _render("quality.html.j2", rows=_records(report.in_order(analysis.quality(report.kernel))),
                    styles=report.style_of)
     return Section("quality", "Quality", body)
 
@@ -499,11 +233,10 @@ def decode_section(report: Report) -> Section | None:
         return None
     table = analysis.decode_table(decode)
     items = []
-    for title in decode.panels.titles:
-        data = decode.agg[decode.agg["panel"] == title]
+    for title, data in decode.panels.split(decode.agg):
         svg = Markup(figures.decode_figure(data, report.style_of, report.order, analysis.device_bandwidth(data)))
         items.append({"title": title, "svg": svg, "rows": _records(report.in_order(table[table["panel"] == title]))})
-    body = _render("decode", items=items, styles=report.style_of, omitted=decode.panels.omitted)
+    body = _render("decode.html.j2", items=items, styles=report.style_of, omitted=decode.panels.omitted)
     return Section("decode", "Decoding: one step against a cache", body)
 
 
@@ -528,7 +261,7 @@ def profiles_section(report: Report) -> Section | None:
         links = [(name, _href(folder / name, report.links_from) if (folder / name).is_file() else None)
                  for name in PROFILE_FILES]
         rows.append({**r, "exists": folder.is_dir(), "links": links})
-    body = _render("profiles", rows=rows, files=PROFILE_FILES, styles=report.style_of)
+    body = _render("profiles.html.j2", rows=rows, files=PROFILE_FILES, styles=report.style_of)
     return Section("profiles", "Profiles", body)
 
 
@@ -542,21 +275,24 @@ def _study_item(study: training.Study, table: pd.DataFrame, sentence: str | None
             "setting": "series" if table["label"].eq(table["series"]).all() else "setting"}
 
 
-def _study_items(studies: list[training.Study], table_of: Callable[[training.Study], pd.DataFrame],
-                 sentence_of: Callable[[training.Study, pd.DataFrame], str | None]) -> list[dict]:
+def _study_section(section_id: str, title: str, template: str, studies: list[training.Study],
+                   table_of: Callable[[training.Study], pd.DataFrame],
+                   sentence_of: Callable[[training.Study, pd.DataFrame], str | None],
+                   **context: object) -> Section | None:
+    """A training section of one table per study (``table_of`` it, with ``sentence_of`` that table
+    above it); None, to leave it out, when there is no study."""
     items = []
     for study in studies:
         table = table_of(study)
         items.append(_study_item(study, table, sentence_of(study, table)))
-    return items
+    return Section(section_id, title, _render(template, items=items, **context)) if items else None
 
 
 def accumulation_section(report: Report) -> Section | None:
     items = []
     for study in training.with_trick(report.studies, "accum_steps"):
         table = training.accumulation(study)
-        family_of = dict(sorted(zip(table["label"], table["family"], strict=True),
-                                key=lambda lf: figures.legend_key(*lf)))
+        family_of = figures.legend_order(table["label"], table["family"])
         styles = figures.styles(family_of, None)
         lines = table.drop(columns="series").rename(columns={"label": "series"})
         svg = Markup(figures.accumulation_figure(lines, styles, list(family_of))) if len(table) else None
@@ -565,39 +301,31 @@ def accumulation_section(report: Report) -> Section | None:
     if not items:
         return None
     tolerance = ", ".join(f"{value:.0e} in {dtype}" for dtype, value in training.GRAD_TOLERANCE.items())
-    body = _render("train_accumulation", items=items, tolerance=tolerance)
+    body = _render("train_accumulation.html.j2", items=items, tolerance=tolerance)
     return Section("train-accumulation", "Training: gradient accumulation", body)
 
 
 def sharing_section(report: Report) -> Section | None:
-    items = _study_items(training.with_trick(report.studies, "layer_sharing"), training.sharing,
-                         training.sharing_sentence)
-    if not items:
-        return None
-    return Section("train-sharing", "Training: shared vs unshared layers", _render("train_sharing", items=items))
+    return _study_section("train-sharing", "Training: shared vs unshared layers", "train_sharing.html.j2",
+                          training.with_trick(report.studies, "layer_sharing"), training.sharing,
+                          training.sharing_sentence)
 
 
 def gelu_section(report: Report) -> Section | None:
-    items = _study_items(training.with_trick(report.studies, "gelu"), training.gelu, training.gelu_sentence)
-    if not items:
-        return None
-    body = _render("train_gelu", items=items, source=reference.GELU_SOURCE)
-    return Section("train-gelu", "Training: GELU forms", body)
+    return _study_section("train-gelu", "Training: GELU forms", "train_gelu.html.j2",
+                          training.with_trick(report.studies, "gelu"), training.gelu, training.gelu_sentence,
+                          source=reference.GELU_SOURCE)
 
 
 def train_quality_section(report: Report) -> Section | None:
-    items = _study_items([s for s in report.studies if s.compares_series], training.quality,
-                         training.quality_sentence)
-    if not items:
-        return None
-    family_of = dict(sorted(zip(report.train["series"], report.train["family"], strict=True),
-                            key=lambda sf: figures.legend_key(*sf)))
-    body = _render("train_quality", items=items, styles=figures.styles(family_of, None))
-    return Section("train-quality", "Training: task quality per attention", body)
+    styles = figures.styles(figures.legend_order(report.train["series"], report.train["family"]), None)
+    return _study_section("train-quality", "Training: task quality per attention", "train_quality.html.j2",
+                          [s for s in report.studies if s.compares_series], training.quality,
+                          training.quality_sentence, styles=styles)
 
 
 def problems_section(report: Report) -> Section:
-    body = _render("problems", rows=_records(analysis.problems(report.measured)), styles=report.style_of)
+    body = _render("problems.html.j2", rows=_records(analysis.problems(report.measured)), styles=report.style_of)
     return Section("problems", "Problems", body)
 
 
@@ -622,13 +350,13 @@ def render(rows: pd.DataFrame, baseline: str | None = None, sections: list[Secti
     keys to profile folders, linked relative to ``links_from`` (the report's folder)."""
     report = prepare(rows, baseline, profiles, links_from)
     built = [s for s in (build(report) for build in sections or SECTIONS) if s is not None]
-    devices = ", ".join(sorted({str(d) for d in rows["device_name"].dropna().unique()})) or "unknown device"
+    devices = analysis.distinct(rows["device_name"]) or "unknown device"
     parts = [devices, f"{len(rows):,} rows"]
     if len(report.kernel):
         parts.append(f"{len(report.panels.titles)} panels")
     if len(report.train):
         parts.append(f"{len(report.studies)} training studies")
     subtitle = " · ".join(parts)
-    return ENV.get_template("page").render(
-        name=report_name(rows), subtitle=subtitle, sections=built, css=Markup(CSS), version=__version__,
+    return ENV.get_template("page.html.j2").render(
+        name=report_name(rows), subtitle=subtitle, sections=built, css=CSS, version=__version__,
         generated=f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}")

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..store import COLUMNS
-from .analysis import json_object, times, with_series
+from .analysis import distinct, json_object, times, with_series
 from .reference import GELU_ERRORS
 
 # The grid's dimensions besides the seed, and how a value of each is written in a setting's label.
@@ -90,19 +90,20 @@ class Study:
         """Task, budget and model of the grid, as one line."""
         rows, first = self.rows, json_object(self.rows["params"].iloc[0]) or {}
         model = _setting(first, "model") or {}
-        parts = [f"task {', '.join(sorted(map(str, rows['task'].dropna().unique())))}"]
-        corpus = sorted(map(str, rows["corpus"].dropna().unique()))
+        parts = [f"task {distinct(rows['task'])}"]
+        corpus = distinct(rows["corpus"])
         if corpus:
-            parts[0] += f" ({', '.join(corpus)})"
-        parts.append(f"{_values(rows['steps'])} steps of batch {_values(rows['batch'])}")
+            parts[0] += f" ({corpus})"
+        parts.append(f"{distinct(rows['steps'], _number)} steps of batch {distinct(rows['batch'], _number)}")
         parts.append(f"model {', '.join(f'{k}={v}' for k, v in model.items())}" if model else "")
         parts.append(f"{rows['seed'].nunique()} seed{'s' if rows['seed'].nunique() > 1 else ''}")
-        parts.append(_values(rows["device_name"].fillna(rows["device"])))
+        parts.append(distinct(rows["device_name"].fillna(rows["device"])))
         return " · ".join(p for p in parts if p)
 
 
-def _values(column: pd.Series) -> str:
-    return ", ".join(sorted({f"{v:,}" if isinstance(v, int) else str(v) for v in column.dropna().tolist()}))
+def _number(value: object) -> str:
+    """An integer with its thousands grouped (a step count, a batch), anything else as it is."""
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def studies(train: pd.DataFrame) -> list[Study]:
@@ -217,7 +218,7 @@ def quality_sentence(study: Study, table: pd.DataFrame) -> str | None:
     if study.metric is None or rated.empty:
         return None
     best, rest = rated.iloc[0], _listing(rated.iloc[1:], study.metric)
-    tasks = ", ".join(sorted(map(str, study.rows["task"].dropna().unique())))
+    tasks = distinct(study.rows["task"])
     text = (f"On {tasks} (study {study.name}), {best['label']} reaches {study.metric.name} "
             f"{study.metric.text(best['quality'])}")
     return text + (f"; {', '.join(rest)}." if rest else ".")
