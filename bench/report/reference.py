@@ -1,4 +1,4 @@
-"""Published figures the report compares against (from shared/REFERENCE.md): throughput curves
+"""Published figures the report compares against (docs/published-figures.md): throughput curves
 drawn as reference lines, and the GELU approximations' errors shown beside the measured ones.
 
 Each curve is drawn only in a panel it applies to — a device model it holds for (matched in the run's
@@ -79,7 +79,7 @@ def matching(device_names: set[str], mode: str, causal: bool, head_dim: int, dty
 
 # --- training tricks -----------------------------------------------------------------------------
 
-GELU_SOURCE = "shared/REFERENCE.md (forms from the GELU paper, Hendrycks & Gimpel 2016)"
+GELU_SOURCE = "the GELU paper (Hendrycks & Gimpel 2016), as in docs/published-figures.md"
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from .reference import GELU_ERRORS
 DIMENSIONS = ("series", "accum_steps", "layer_sharing", "gelu")
 LABELS = {"series": "{}", "accum_steps": "k={}", "layer_sharing": "{}", "gelu": "gelu {}"}
 SHARING_ORDER = ("unshared", "shared", "untied")
-# Accumulated against full-batch gradient: float32 summation order alone gives ~2e-7 (shared/
-# REFERENCE.md), a wrong loss normalisation percents. Dtypes not listed get no pass mark.
+# Accumulated against full-batch gradient: float32 summation order alone gives ~2e-7
+# (docs/published-figures.md, "Gradient accumulation check"), a wrong loss normalisation percents. Dtypes not listed get no pass mark.
 GRAD_TOLERANCE = {"float32": 1e-5}
 INTEGER_COLUMNS = {name: "Int64" for name, kind in COLUMNS.items() if pa.types.is_integer(kind)}
 # A cost ratio within [1/SIMILAR, SIMILAR] is written "about the same".
