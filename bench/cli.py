@@ -113,7 +113,7 @@ def list_command(
 @run_app.command("sweep")
 @bad_input_exits_2
 def sweep_command(
-    preset: Annotated[str | None, typer.Option(help="Packaged preset: quick, gpu, scaling, sparse, decode.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Packaged preset: quick, gpu, gpu-slice, scaling, sparse, decode.")] = None,
     config: Annotated[Path | None, typer.Option(help="A TOML spec file (see README).")] = None,
     variants_: Annotated[str | None, typer.Option("--variants", help="Comma list: variant or variant/impl.")] = None,
     seq_lens: Annotated[str | None, typer.Option(help="Comma list of sequence lengths.")] = None,

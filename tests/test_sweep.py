@@ -113,6 +113,17 @@ def test_flags_override_preset_and_grid_expands():
     assert len({t.fields()["key"] for t in tasks}) == len(tasks)
 
 
+@pytest.mark.parametrize("name", spec.preset_names())
+def test_every_preset_loads_expands_and_is_named_in_the_help(name):
+    """A preset that fails to validate, plans nothing, or is missing from --help is a broken promise."""
+    loaded = spec.load(name)
+    if loaded.device == "cuda":  # no CUDA here: the grid is checked on the CPU instead
+        loaded = spec.override(loaded, device="cpu")
+    assert plan.expand(spec.validate(loaded), "cpu")
+    help_text = " ".join(CliRunner().invoke(app, ["run", "sweep", "--help"]).output.split())
+    assert name in help_text
+
+
 def test_flashattention_batch_convention():
     s = spec.validate(spec.load("gpu").__class__(variants=("standard/eager",), seq_lens=(512, 2048),
                                                  tokens=16384, heads=None, hidden=2048,
