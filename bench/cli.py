@@ -91,9 +91,11 @@ def list_command(
         # One reason for both maskings is said once (the xformers build mismatch, a missing package).
         reason = None if runnable else distinct.pop() if len(distinct) == 1 else \
             "; ".join(f"{k}: {r}" for k, r in reasons.items())
+        decode = variants.Point(device=device, dtype=dtype, causal=True, mode=variants.DECODE, params=entry.resolve())
         listing.append({"variant": entry.variant, "impl": entry.impl, "family": entry.family,
                         "params": dict(entry.params), "available": bool(runnable), "masking": runnable,
-                        "reason": reason, "summary": entry.summary})
+                        "decode": not entry.not_supported_reasons(decode), "reason": reason,
+                        "summary": entry.summary})
     if as_json:
         print(json.dumps(listing, indent=1))
         return
@@ -102,7 +104,7 @@ def list_command(
         table.add_column(column, overflow="fold")
     for item in listing:
         params = ", ".join(f"{k}={v}" for k, v in item["params"].items())
-        runs = ", ".join(item["masking"]) if item["available"] else "[red]no[/]"
+        runs = ", ".join(item["masking"] + ["decode"] * item["decode"]) if item["available"] else "[red]no[/]"
         table.add_row(escape(f"{item['variant']}/{item['impl']}"), item["family"], escape(params), runs,
                       escape(item["summary"]) if item["available"] else f"[red]{escape(item['reason'])}[/]")
     out.print(table)
@@ -171,7 +173,8 @@ def _profile_slowest(spec, tasks, out_dir: Path, run_id: str, k: int, profile_di
     from .store import read_results, run_dir
 
     directory = run_dir(out_dir, run_id)
-    profiles = profile_slowest(tasks, read_results([directory]), k, profile_dir, directory, spec.timeout_s)
+    profiles = profile_slowest(tasks, read_results([directory]), k, profile_dir, directory, spec.timeout_s,
+                               spec.measure.cuda_graph)
     err.print(f"profiles of the {len(profiles)} slowest points: {profile_dir}/ (listed in {directory}/_profiles.json)")
 
 
@@ -369,12 +372,15 @@ def profile_command(
     """Profile one point into OUT/<variant>-<impl>-<shape>/: trace.json (Perfetto, chrome://tracing),
     kernels.csv (its top rows printed, its total checked against the timed median), summary.json and,
     on CUDA, memory.pickle and memory.html (PyTorch's memory_viz)."""
+    from variants.registry import DECODE
 
     from . import plan
     from . import spec as specs
     from .env import resolve_device
     from .profile import PROFILE_SETTINGS, PointFailed, profile_point
 
+    if q_len != 1 and mode != DECODE:
+        raise BadInput(f"--q-len {q_len} applies to --mode decode, not {mode}")
     selector = variant.strip()
     params = _parse_params(param or [])
     spec = specs.validate(specs.SweepSpec(
@@ -473,9 +479,9 @@ def doctor_command(
 
     from .doctor import run_doctor
     from .env import resolve_device
+    from .spec import check_device_name
 
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise BadInput(f"unknown device {device!r} (valid: auto, cpu, cuda)")
+    check_device_name(device)
     device = resolve_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         err.print(f"[bold red]device {device} is not usable:[/] no CUDA device is visible to torch "

@@ -25,7 +25,7 @@ from .store import KEY_COLUMNS, read_results
 FORMATS = ("table", "json", "markdown")
 # Verdicts in the order they are listed: regressions first.
 CHANGES = ("slower", "heavier", "status", "faster", "leaner", "new", "missing")
-POINT_COLUMNS = [c for c in KEY_COLUMNS if c != "kind"]
+POINT_COLUMNS = [c for c in KEY_COLUMNS if c != "kind"] + ["q_len"]  # q_len: decode points
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,8 @@ def compare(old_path: Path, new_path: Path, threshold: float = 0.05) -> Comparis
 def _point(row: pd.Series) -> str:
     params = "" if row["params"] in (None, "{}") or pd.isna(row["params"]) else f" {row['params']}"
     causal = " causal" if row["causal"] is True else ""
-    return (f"{row['variant']}/{row['impl']}{params} {row['mode']}{causal} n={_int(row['seq_len'])} "
+    new = "" if row["q_len"] is None or pd.isna(row["q_len"]) else f" q={_int(row['q_len'])}"
+    return (f"{row['variant']}/{row['impl']}{params} {row['mode']}{causal} n={_int(row['seq_len'])}{new} "
             f"b={_int(row['batch'])} h={_int(row['heads'])} d={_int(row['head_dim'])} {row['dtype']} {row['device']}")
 
 

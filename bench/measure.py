@@ -8,6 +8,8 @@ Definitions (also in the README):
   repetition, outside the timed region, so gradient accumulation is never timed.
 * ``bwd``: backward alone, from a graph built once and kept (``torch.autograd.grad(...,
   retain_graph=True)``, which accumulates nothing).
+* ``decode``: one step of ``q_len`` new tokens against the entry's cache of a ``seq_len``-token
+  prefix (built before any timing; see :mod:`variants.decode`), without autograd.
 * time: see :mod:`bench.timers` (queued CUDA events with the L2 flushed before each repetition and
   one synchronisation per batch, or a CUDA graph's replay, on GPU; ``perf_counter`` on CPU). The
   repetition count comes from the warm-up's estimate; median, p20, p80 are stored, with the timer's
@@ -31,10 +33,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import variants
-from variants.registry import Entry, Point
+from variants.registry import DECODE, Entry, Point
 
 from .env import clock_and_throttle, device_name, peak_bandwidth, peak_tflops
-from .timers import Call, cold_call_ms, percentile, repetitions, timed_form, warm_up
+from .timers import Call, cold_call_ms, percentile, repetitions, timed_form, timer_for, warm_up
 
 SEED = 0
 
@@ -56,15 +58,17 @@ class MeasureSettings:
 
 # --- inputs and calls ----------------------------------------------------------------------------
 
-def make_inputs(point: Point, grad: bool, tokens: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Seeded q, k, v and an upstream gradient, (batch, heads, tokens or seq_len, head_dim)."""
+def make_inputs(point: Point, grad: bool, tokens: int | None = None,
+                upstream: bool = True) -> tuple[torch.Tensor, ...]:
+    """Seeded q, k, v and (``upstream``) a gradient for the output, (batch, heads, tokens or seq_len,
+    head_dim); drawn in that order, so q, k, v are the same with or without it."""
     gen = torch.Generator(device=point.device).manual_seed(SEED)
     shape = (point.batch, point.heads, tokens or point.seq_len, point.head_dim)
-    q, k, v, grad_out = (torch.randn(shape, generator=gen, device=point.device, dtype=point.torch_dtype)
-                         for _ in range(4))
-    for t in (q, k, v):
+    drawn = tuple(torch.randn(shape, generator=gen, device=point.device, dtype=point.torch_dtype)
+                  for _ in range(4 if upstream else 3))
+    for t in drawn[:3]:
         t.requires_grad_(grad)
-    return q, k, v, grad_out
+    return drawn
 
 
 def _fwd(fn: Callable[[], torch.Tensor], inputs: tuple, grad_out: torch.Tensor) -> Call:
@@ -116,7 +120,7 @@ def _kernel_call(entry: Entry, point: Point) -> tuple[Call, int]:
 
 
 def _kernel_outputs(entry: Entry, point: Point) -> Outputs:
-    q, k, v, _ = make_inputs(point, grad=False)
+    q, k, v = make_inputs(point, grad=False, upstream=False)
     params = dict(point.params)
     q64, k64, v64 = (t.double() for t in (q, k, v))
     return Outputs(entry.forward(q, k, v, causal=point.causal, **params),
@@ -128,7 +132,7 @@ def _decode_inputs(entry: Entry, point: Point) -> tuple[Any, tuple[torch.Tensor,
     """The cache of the n-token prefix (built here, never timed), the q_len new tokens' q, k, v, and
     all n + q_len tokens' q, k, v."""
     n = point.seq_len
-    tokens = make_inputs(point, grad=False, tokens=n + point.q_len)[:3]
+    tokens = make_inputs(point, grad=False, tokens=n + point.q_len, upstream=False)
     q, k, v = tokens
     cache = entry.decoder.prefill(k[:, :, :n], v[:, :, :n], q_len=point.q_len, **dict(point.params))
     new = tuple(t[:, :, n:].contiguous() for t in tokens)
@@ -161,7 +165,7 @@ def _decode_columns(entry: Entry, point: Point, median_ms: float) -> dict[str, A
     moved = entry.decoder.bytes_moved(point)
     gbps = moved / (median_ms * 1e-3) / 1e9
     peak = peak_bandwidth(device_name(point.device))
-    return {"q_len": point.q_len, "cache_bytes": entry.decoder.cache_bytes(point), "bytes_moved": moved,
+    return {"cache_bytes": entry.decoder.cache_bytes(point), "bytes_moved": moved,
             "gbps": gbps, "pct_bandwidth": 100 * gbps / (peak * 1e3) if peak else None,
             "tokens_per_s": point.batch * point.q_len / (median_ms * 1e-3)}
 
@@ -186,7 +190,7 @@ def _kernel_workload(factor: float) -> Workload:
 # FLOPs of a mode relative to the forward (FlashAttention convention: backward = 2.5 × forward).
 WORKLOADS: dict[str, Workload] = {
     "fwd": _kernel_workload(1.0), "bwd": _kernel_workload(2.5), "fwd_bwd": _kernel_workload(3.5),
-    "decode": Workload(_decode_call, _decode_outputs, lambda entry, point: entry.decoder.flops(point),
+    DECODE: Workload(_decode_call, _decode_outputs, lambda entry, point: entry.decoder.flops(point),
                        lambda entry, point: entry.decoder.kernel, _decode_columns),
 }
 
@@ -293,9 +297,10 @@ def measure(entry: Entry, point: Point, settings: MeasureSettings) -> dict[str, 
         if failure:
             return {**row, "status": "incorrect", "reason": failure}
         call, row["input_bytes"] = make_call(entry, point)
+        # The cold call first: a CUDA graph's capture would warm the call and hide its compile time.
+        row["setup_ms"] = cold_call_ms(timer_for(point.device), call)
         form = timed_form(call, point.device, settings.cuda_graph)
         row["timer"] = form.timer.name
-        row["setup_ms"] = cold_call_ms(form.timer, call)
         estimate = warm_up(form.timer, form.call, settings.warmup_s)
         row["peak_mem_bytes"] = peak_memory(call, point.device)
         samples = form.timer.batch(form.call, repetitions(estimate, settings.target_s, settings.min_reps,

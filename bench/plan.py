@@ -9,13 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import variants
-from variants.registry import Point
+from variants.registry import DECODE, Point
 
 from .measure import MeasureSettings
 from .spec import SweepSpec
 from .store import point_key
-
-DECODE = "decode"  # the mode with a cache: causal by definition, q_len new tokens per step
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ What is measured, and how the table is checked against the harness (the "agreeme
 2. A fresh call on the same seeded inputs is warmed with :func:`bench.timers.warm_up`, then run
    under ``torch.profiler``: W unrecorded steps covering :data:`PROFILER_WARMUP_S` (its schedule's
    warm-up), then ``steps`` recorded ones. Each step is ``timer.once(call)``, the harness's own
-   timed repetition (on CUDA: L2 flush, events, call), with only the timed ``call.run()`` inside a
+   timed repetition (on CUDA: L2 flush, events, call; the call is its CUDA graph's replay when the
+   point was timed as one), with only the timed ``call.run()`` inside a
    ``record_function(STEP_LABEL)`` range; what is outside it (the L2 flush, ``.grad = None``) is
    never counted, as the timer never counts it.
 3. "Kernels", the rows of the table, are defined so that they partition the steps' time:
@@ -56,14 +57,14 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, record_function, schedule
 
 import variants
-from variants.registry import Entry, Point
+from variants.registry import DECODE, Entry, Point
 
 from .compat import cuda_memory_history, linked_correlation_id, memory_trace_plot
 from .env import environment
 from .errors import BadInput
 from .measure import MeasureSettings, make_call, measure
 from .plan import Task
-from .timers import Call, Timer, timer_for, warm_up
+from .timers import Call, Timer, timed_form, warm_up
 
 STEP_LABEL = "attnbench::step"
 GLUE_ROW = f"{STEP_LABEL} (self: Python, dispatch and tensor frees between operators)"
@@ -94,7 +95,7 @@ def shape_slug(point: Point) -> str:
     """``fwd-b1-h4-n2048-d64-float32-cpu``, with ``-causal`` after the mode and each parameter
     (``-window256``) before the device; a point's directory name never collides with another's."""
     parts = [point.mode, *(["causal"] if point.causal else []), f"b{point.batch}", f"h{point.heads}",
-             f"n{point.seq_len}", *([f"q{point.q_len}"] if point.mode == "decode" else []), f"d{point.head_dim}",
+             f"n{point.seq_len}", *([f"q{point.q_len}"] if point.mode == DECODE else []), f"d{point.head_dim}",
              point.dtype,
              *(f"{k}{v}" for k, v in sorted(point.params.items())), point.device.replace(":", "")]
     return "-".join(parts)
@@ -297,14 +298,14 @@ def profile_point(target: Task | tuple[Entry, Point], out_dir: Path, *, steps: i
     directory.mkdir(parents=True, exist_ok=True)
     cuda = point.device.startswith("cuda")
     call, _ = make_call(entry, point)
-    timer = timer_for(point.device)
-    warm_up(timer, call, settings.warmup_s)
+    form = timed_form(call, point.device, settings.cuda_graph)  # what the median timed, profiled alike
+    warm_up(form.timer, form.call, settings.warmup_s)
     files: dict[str, str | None] = {"trace": FILES["trace"], "kernels": FILES["kernels"],
                                     "summary": FILES["summary"], "memory_pickle": None, "memory_html": None}
     if cuda and (snapshot := record_memory_snapshot(call, point.device)) is not None:
         files.update(write_memory_files(snapshot, directory))
     warmup = min(MAX_PROFILER_WARMUP_STEPS, math.ceil(PROFILER_WARMUP_S * 1e3 / row["time_ms"]))
-    events, step_ms = _profile_steps(timer, call, warmup, steps, cuda, directory / FILES["trace"])
+    events, step_ms = _profile_steps(form.timer, form.call, warmup, steps, cuda, directory / FILES["trace"])
     table = activity_table(events, device_time=cuda)
     write_activities_csv(table, directory / FILES["kernels"])
 
@@ -360,15 +361,16 @@ class ProfileJob:
 
     def execute(self, settings: MeasureSettings) -> dict[str, Any]:
         try:
-            return {"status": "ok", "directory": profile_point(self.task, self.out_dir)["directory"]}
+            summary = profile_point(self.task, self.out_dir, settings=settings)
+            return {"status": "ok", "directory": summary["directory"]}
         except (BadInput, PointFailed) as exc:
             return {"status": "error", "reason": str(exc)}
 
 
 def profile_slowest(tasks: list[Task], rows: Any, k: int, out_dir: Path, run_dir: Path,
-                    timeout_s: float) -> dict[str, str]:
+                    timeout_s: float, cuda_graph: bool = False) -> dict[str, str]:
     """Profile the ``k`` slowest ok points of a finished run in a worker process (as they were
-    measured: isolated from this one), and record
+    measured: isolated from this one, as a CUDA graph's replay if they were), and record
     ``key -> profile folder`` in ``run_dir/_profiles.json`` (the report links them)."""
     from .runner import Worker
 
@@ -379,7 +381,7 @@ def profile_slowest(tasks: list[Task], rows: Any, k: int, out_dir: Path, run_dir
     profiles: dict[str, str] = json.loads(record.read_text()) if record.is_file() else {}
     if not chosen:
         return profiles
-    worker = Worker(PROFILE_SETTINGS, chosen[0].point.device)
+    worker = Worker(replace(PROFILE_SETTINGS, cuda_graph=cuda_graph), chosen[0].point.device)
     try:
         for task in chosen:
             result = worker.run(ProfileJob(task, out_dir), timeout_s)

@@ -153,6 +153,13 @@ class RunnableTask(Protocol):
     def label(self) -> str: ...
 
 
+def at_least_as_large(point: Point, failed: Point) -> bool:
+    """Whether ``point`` needs at least the memory of ``failed``, a point of its group that ran out:
+    no shorter, and no fewer tokens (a larger batch of shorter sequences, or a batch that shrinks as
+    n grows under FlashAttention's convention, is decided by the tokens)."""
+    return point.seq_len >= failed.seq_len and point.batch * point.seq_len >= failed.batch * failed.seq_len
+
+
 def visible_gpus(device: str) -> list[str | None]:
     """One worker per visible GPU when the device is plain ``cuda``; else one worker, as given."""
     if device != "cuda":
@@ -182,7 +189,7 @@ def run_sweep(spec: RunSpec, tasks: list[RunnableTask], results: Path, run_id: s
     done = existing_keys(directory) if resume else set()
     todo = [t for t in tasks if t.fields()["key"] not in done]
     queue = deque(todo)
-    failed_groups: dict[tuple, str] = {}
+    failed_groups: dict[tuple, Point] = {}  # group -> its first point that ran out of memory
     counts: Counter = Counter()
     lock = threading.Lock()
 
@@ -193,10 +200,12 @@ def run_sweep(spec: RunSpec, tasks: list[RunnableTask], results: Path, run_id: s
                     if not queue:
                         return
                     task = queue.popleft()
-                    skip = failed_groups.get(task.group()) if not spec.keep_going else None
+                    failed = failed_groups.get(task.group()) if not spec.keep_going else None
+                skip = failed is not None and at_least_as_large(task.point, failed)
                 progress(task, None)
                 measured = ({"status": "skipped", "reason": f"a smaller point of this group ran out of memory "
-                                                            f"({skip}); --keep-going tries it"}
+                                                            f"(n={failed.seq_len}, b={failed.batch}); --keep-going "
+                                                            f"tries it"}
                             if skip else worker.run(task, spec.timeout_s))
                 fields = task.fields()
                 row = {**worker.environment, **fields, **measured, "run_id": run_id,
@@ -204,7 +213,7 @@ def run_sweep(spec: RunSpec, tasks: list[RunnableTask], results: Path, run_id: s
                 write_rows(directory, [row], stem=fields["key"])
                 with lock:
                     if measured["status"] == "oom":
-                        failed_groups.setdefault(task.group(), f"n={task.point.seq_len}, b={task.point.batch}")
+                        failed_groups.setdefault(task.group(), task.point)
                     counts[measured["status"]] += 1
                 progress(task, row)
         finally:

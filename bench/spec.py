@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 import variants
-from variants.registry import DTYPES, MODES, is_int_at_least
+from variants.registry import DECODE, DTYPES, MODES, is_int_at_least
 
 from .errors import BadInput
 from .measure import MeasureSettings
@@ -192,7 +192,10 @@ def override(spec: SweepSpec, q_len: int | None = None, **flags: Any) -> SweepSp
         given["hidden"] = None
     decode = replace(spec.decode, **{k: None for k in _SHARED_KEYS if k in given},
                      **({"q_len": q_len} if q_len is not None else {}))
-    return replace(spec, **given, decode=decode)
+    result = replace(spec, **given, decode=decode)
+    if q_len is not None and DECODE not in result.modes:
+        raise BadInput(f"--q-len {q_len} applies to decode points: add decode to --modes")
+    return result
 
 
 def parse_list(text: str | None, name: str, convert: type = str) -> tuple | None:
@@ -242,9 +245,15 @@ def _choices(name: str, values: Any, valid: tuple[str, ...]) -> None:
             raise BadInput(f"{name}: unknown value {value!r} (valid: {', '.join(valid)})")
 
 
+def check_device_name(device: Any) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; BadInput names anything else."""
+    index = device.removeprefix("cuda:") if isinstance(device, str) and device.startswith("cuda:") else None
+    if not isinstance(device, str) or (device not in DEVICES and not (index and index.isdigit())):
+        raise BadInput(f"unknown device {device!r} (valid: {', '.join(DEVICES)}, cuda:N)")
+
+
 def validate_device_and_dtype(device: Any, dtype: str | None = None) -> None:
-    if not isinstance(device, str) or (device not in DEVICES and not device.startswith("cuda:")):
-        raise BadInput(f"unknown device {device!r} (valid: {', '.join(DEVICES)})")
+    check_device_name(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"device {device!r} requested but no CUDA device is available (try --device cpu)")
     if dtype is not None and dtype not in DTYPES:
@@ -301,7 +310,7 @@ def _validate_decode(grid: DecodeGrid) -> None:
     for name in ("seq_lens", "batch_sizes"):
         if getattr(grid, name) is not None:
             _positive_ints(name, getattr(grid, name), f"decode.{name}")
-    _positive_ints("q_len", grid.q_len, "decode.q_len")
+    _positive_ints("q_len", grid.q_len)
 
 
 def _validate_params(spec: SweepSpec) -> None:

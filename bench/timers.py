@@ -16,6 +16,7 @@ below the device time, a training loop would leave the GPU waiting on Python (la
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -84,7 +85,8 @@ class Event(Protocol):
 
 
 class CudaBackend:
-    """The CUDA calls a :class:`CudaTimer` makes (tests substitute a recording fake)."""
+    """The CUDA calls a :class:`CudaTimer` makes (tests substitute a recording fake). One per device
+    and process (:func:`cuda_backend`): its flush buffer is allocated once, not per point."""
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -173,12 +175,17 @@ class TimedForm:
     note: str | None = None
 
 
+@functools.cache
+def cuda_backend(device: str) -> CudaBackend:
+    return CudaBackend(device)
+
+
 def timer_for(device: str) -> Timer:
-    return CudaTimer(CudaBackend(device)) if device.startswith("cuda") else CpuTimer()
+    return CudaTimer(cuda_backend(device)) if device.startswith("cuda") else CpuTimer()
 
 
 def timed_form(call: Call, device: str, cuda_graph: bool,
-               backend_of: Callable[[str], CudaBackend] = CudaBackend) -> TimedForm:
+               backend_of: Callable[[str], CudaBackend] = cuda_backend) -> TimedForm:
     """The timer for ``device``; with ``cuda_graph``, the call's captured graph when capture works,
     else the call itself with the reason recorded."""
     if not device.startswith("cuda"):

@@ -182,7 +182,7 @@ def _cuda_point(entry, **kwargs) -> Point:
 
 @pytest.fixture
 def gpu_present(monkeypatch):
-    """As on a machine with Triton and a CUDA device (nothing runs: only unsupported() is asked)."""
+    """As on a machine with Triton and a CUDA device (nothing runs: only not_supported_reasons() is asked)."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -224,8 +224,10 @@ def test_missing_fla_gives_a_reason(monkeypatch):
 def test_dtypes_and_head_dims(gpu_present):
     entry = variants.get("linear-taylor/fla")
     for dtype in ("float32", "bfloat16"):
-        for mode in variants.MODES:
+        for mode in ("fwd", "bwd", "fwd_bwd"):
             assert why_not(entry, _cuda_point(entry, dtype=dtype, mode=mode)) is None, (dtype, mode)
+    # decoding is the recurrent impl's: the same function, an eager state step
+    assert why_not(entry, _cuda_point(entry, mode=variants.DECODE)) == "linear-taylor/fla has no decode path"
     assert "dtype=float64 not supported" in why_not(entry, _cuda_point(entry, dtype="float64"))
     assert "subnormals" in why_not(entry, _cuda_point(entry, dtype="float16"))
     odd = Point(device="cuda", head_dim=63, causal=True, dtype="bfloat16", mode="fwd_bwd")

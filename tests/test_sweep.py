@@ -255,3 +255,13 @@ def test_git_commit_is_marked_dirty_only_when_the_harness_code_changed(tmp_path)
     git_commit.cache_clear()
     assert git_commit(tmp_path) == head + "+dirty"
     assert git_commit(tmp_path / "missing") is None  # not a checkout: no commit to name
+
+
+def test_after_an_oom_only_points_at_least_as_large_are_skipped():
+    from bench.runner import at_least_as_large
+
+    failed = variants.Point(seq_len=4096, batch=8)
+    assert at_least_as_large(variants.Point(seq_len=8192, batch=8), failed)
+    assert at_least_as_large(variants.Point(seq_len=8192, batch=4), failed)  # the same tokens, longer
+    assert not at_least_as_large(variants.Point(seq_len=8192, batch=1), failed)  # decode's batch 1 after 8
+    assert not at_least_as_large(variants.Point(seq_len=2048, batch=64), failed)  # shorter

@@ -148,7 +148,7 @@ def test_every_variant_is_runnable_on_cpu(dtype):
 
 
 def test_cpu_backward_of_flex_is_declared_unsupported():
-    """Flex on CPU has no backward: that must be visible through unsupported(), not only in the name
+    """Flex on CPU has no backward: that must be visible through not_supported_reasons(), not only in the name
     (the reference test above relies on it to test such entries forward only, or not at all)."""
     flex = [e for e in builtin_entries() if e.impl == "flex"]
     assert {e.variant for e in flex} == {"local", "atrous", "strided"}
@@ -162,7 +162,7 @@ def test_cpu_backward_of_flex_is_declared_unsupported():
 @pytest.mark.parametrize("n", [SHORT, LONG])
 @pytest.mark.parametrize("entry", [pytest.param(e, id=e.name) for e in builtin_entries() if e.impl == "flex"])
 def test_eager_flex_forward_on_cpu_matches_reference(entry, n, causal):
-    """Eager (unfused) FlexAttention with the block mask, run directly on CPU whatever unsupported()
+    """Eager (unfused) FlexAttention with the block mask, run directly on CPU whatever not_supported_reasons()
     says for timing: the block mask must select exactly the pattern. Forward only (no CPU backward)."""
     params = small_params(entry)
     q, k, v, _ = inputs(f"flex-{entry.name}-{n}-{causal}", n)
@@ -338,7 +338,7 @@ def test_local_xformers_on_cpu_gives_a_reason():
 
 @pytest.mark.parametrize("entry", [pytest.param(e, id=e.name) for e in builtin_entries()])
 def test_unsupported_with_default_params_gives_reason_or_none(entry):
-    """A sweep records the reason instead of crashing: unsupported() of a Point that leaves params at
+    """A sweep records the reason instead of crashing: not_supported_reasons() of a Point that leaves params at
     the entry's defaults (Point.params = {}) is a str or None, never an exception."""
     for causal in (False, True):
         reason = why_not(entry, Point(device="cpu", dtype="float32", head_dim=D, causal=causal))

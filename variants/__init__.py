@@ -22,11 +22,11 @@ import importlib as _importlib
 import os as _os
 
 from .reference import exact_attention, relative_error
-from .registry import DTYPES, MODES, Capabilities, Entry, Point, entries, get, register, select, \
+from .registry import DECODE, DTYPES, MODES, Capabilities, Entry, Point, entries, get, register, select, \
     variant_names
 
 for _module in filter(None, (m.strip() for m in _os.environ.get("ATTNBENCH_PLUGINS", "").split(","))):
     _importlib.import_module(_module)
 
-__all__ = ["DTYPES", "MODES", "Capabilities", "Entry", "Point", "entries", "exact_attention", "get",
+__all__ = ["DECODE", "DTYPES", "MODES", "Capabilities", "Entry", "Point", "entries", "exact_attention", "get",
            "register", "relative_error", "select", "variant_names"]

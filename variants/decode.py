@@ -34,6 +34,13 @@ from .registry import Point
 # (q, k, v, mask) -> output; q (b, h, q_len, d), k and v (b, h, keys, d), mask: None (every query
 # reads every key) or what the decoder's ``mask_of`` made of the (q_len, keys) boolean mask.
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
+# (boolean mask or None, the prefix's keys, the entry's params) -> the mask as the attention takes it,
+# built once at prefill (the keys give its device and dtype).
+MaskOf = Callable[[torch.Tensor | None, torch.Tensor, dict], Any]
+
+
+def boolean_mask(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> torch.Tensor | None:
+    return mask
 
 
 @dataclass(frozen=True)
@@ -107,14 +114,14 @@ class KVCache:
     mask: Any  # the plan's mask in the form the entry's attention takes (built once, here)
 
 
-def kv_prefill(k: torch.Tensor, v: torch.Tensor, plan: KVPlan, q_len: int,
-               mask_of: Callable[[torch.Tensor | None], Any] = lambda mask: mask) -> KVCache:
+def kv_prefill(k: torch.Tensor, v: torch.Tensor, plan: KVPlan, q_len: int, mask_of: MaskOf = boolean_mask,
+               params: dict | None = None) -> KVCache:
     """The kept prefix positions copied into a cache with room for ``q_len`` new tokens."""
     b, h, _, d = k.shape
     cache_k, cache_v = (x.new_empty(b, h, plan.kept.numel() + q_len, d) for x in (k, v))
     cache_k[:, :, :plan.kept.numel()] = k.index_select(2, plan.kept)
     cache_v[:, :, :plan.kept.numel()] = v.index_select(2, plan.kept)
-    return KVCache(cache_k, cache_v, plan, mask_of(plan.mask))
+    return KVCache(cache_k, cache_v, plan, mask_of(plan.mask, k, params or {}))
 
 
 def kv_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, attend: Attend) -> torch.Tensor:
@@ -136,14 +143,14 @@ def eager_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
 
 
 def kv_decoder(pattern_of: Callable[[dict], Pattern], attend: Attend, kernel: str,
-               mask_of: Callable[[torch.Tensor | None], Any] = lambda mask: mask) -> Decoder:
+               mask_of: MaskOf = boolean_mask) -> Decoder:
     """The KV-cache decoder of a softmax entry whose causal pattern is ``pattern_of(params)``;
     ``attend`` takes the plan's mask as ``mask_of`` turns it (at prefill, outside any timing)."""
     def plan_of(n: int, q_len: int, params: dict, device: str) -> KVPlan:
         return kv_plan(pattern_of(params), n, q_len, device)
 
     def prefill(k: torch.Tensor, v: torch.Tensor, *, q_len: int, **params: Any) -> KVCache:
-        return kv_prefill(k, v, plan_of(k.shape[-2], q_len, params, str(k.device)), q_len, mask_of)
+        return kv_prefill(k, v, plan_of(k.shape[-2], q_len, params, str(k.device)), q_len, mask_of, params)
 
     def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, **params: Any) -> torch.Tensor:
         return kv_step(q, k, v, cache, attend)

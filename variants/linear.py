@@ -247,14 +247,15 @@ def linear_decoder(fmap: FeatureMap) -> Decoder:
         fq = fmap.query(q, **_map_params(fmap, params))
         fk, stabiliser = _key_features(fmap, k, state.stabiliser, params)
         kv, z = state.kv, state.z
-        if stabiliser is not None:  # new keys may raise the stabiliser: the prefix's sums follow
-            rescale = torch.exp(state.stabiliser - stabiliser).to(kv.dtype)
-            kv, z = kv * rescale, z * rescale[..., 0]
-        torch.add(kv, (fk.transpose(-2, -1) @ v).to(kv.dtype), out=state.next_kv)
-        torch.add(z, fk.sum(-2).to(z.dtype), out=state.next_z)
+        # New keys may raise the stabiliser: the prefix's sums are relative to the old one, so they
+        # are scaled by this factor (1 without a stabiliser) where they are read, not copied first.
+        rescale = torch.ones((), dtype=kv.dtype, device=kv.device) if stabiliser is None else \
+            torch.exp(state.stabiliser - stabiliser).to(kv.dtype)
+        torch.addcmul((fk.transpose(-2, -1) @ v).to(kv.dtype), kv, rescale, out=state.next_kv)
+        torch.addcmul(fk.sum(-2).to(z.dtype), z, rescale[..., 0] if rescale.ndim else rescale, out=state.next_z)
         inside = (fq @ fk.transpose(-2, -1)).tril()  # the new tokens among themselves
-        numerator = fq @ kv.to(fq.dtype) + inside @ v
-        normaliser = fq @ z.to(fq.dtype).unsqueeze(-1) + inside.sum(-1, keepdim=True)
+        numerator = (fq @ kv.to(fq.dtype)) * rescale.to(fq.dtype) + inside @ v
+        normaliser = (fq @ z.to(fq.dtype).unsqueeze(-1)) * rescale.to(fq.dtype) + inside.sum(-1, keepdim=True)
         return numerator / (normaliser + EPS)
 
     def bytes_moved(point: Point) -> int:
@@ -264,7 +265,9 @@ def linear_decoder(fmap: FeatureMap) -> Decoder:
     def flops(point: Point) -> float:
         d, q = point.head_dim, point.q_len
         f = fmap.width(d, **_map_params(fmap, dict(point.params)))
-        per_token = fmap.flops_per_token(d, **_map_params(fmap, dict(point.params))) + 6.0 * f * d
+        # as the forward's state impls count (_work_state): 2·f·d to add a token to the state, 2·f·d
+        # to read it out; plus the new tokens among themselves
+        per_token = fmap.flops_per_token(d, **_map_params(fmap, dict(point.params))) + 4.0 * f * d
         return point.batch * point.heads * (q * per_token + 2.0 * q * q * (f + d))
 
     return Decoder(prefill, step, lambda point: _state_bytes(fmap, point), bytes_moved, flops,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .linear import EPS, FEATURE_MAPS, FeatureMap, linear_decoder
+from .linear import EPS, FEATURE_MAPS, FeatureMap
 from .registry import DEFAULT_TOLERANCE, Capabilities, Entry, Point, get, register
 
 FLA_OP = "fla.ops.linear_attn.chunk_linear_attn"  # what runs, and what the kernel column says
@@ -107,5 +107,4 @@ for _fmap in FEATURE_MAPS:
     register(Entry(
         _fmap.name, "fla", "linear", _forward(_fmap), _chunked.reference, _flops(_chunked),
         params=dict(_fmap.params), caps=CAPS, kernel_name=lambda p: FLA_OP,
-        decoder=linear_decoder(_fmap),
         tolerance=TOLERANCE, summary=f"{_fmap.summary}, causal through fla's chunk_linear_attn (Triton)"))

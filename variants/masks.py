@@ -78,23 +78,23 @@ def and_masks(*fns: MaskFn) -> MaskFn:
     return _named(intersection, "_and_".join(f.__name__ for f in fns))
 
 
-def _local_pattern(window: int, causal_: bool) -> tuple[MaskFn, BiasSpec | None]:
+def _local_pattern(window: int, causal_: bool) -> tuple[MaskFn, BiasSpec | None, int]:
     # Bottom-right alignment equals top-left here because queries and keys have the same length.
     right = 0 if causal_ else window
-    return local(window), ("LocalAttentionFromBottomRightMask",
-                           (("window_left", window), ("window_right", right)))
+    return local(window), local_bias(window, right), 1
 
 
-PATTERNS: dict[str, Callable[..., tuple[MaskFn, BiasSpec | None]]] = {
+def local_bias(left: int, right: int) -> BiasSpec:
+    """xformers' local window, aligned bottom-right (queries end where the keys end)."""
+    return "LocalAttentionFromBottomRightMask", (("window_left", left), ("window_right", right))
+
+
+# Each sparsity's factory: (mask function, xformers bias or None, period of its rule in i − j, where
+# 1 means the reach only shrinks as i grows; see Pattern.period).
+PATTERNS: dict[str, Callable[..., tuple[MaskFn, BiasSpec | None, int]]] = {
     "local": _local_pattern,
-    "atrous": lambda rate, causal_: (atrous(rate), None),
-    "strided": lambda window, rate, causal_: (or_masks(local(window), atrous(rate)), None),
-}
-# The period of each pattern's rule in i − j (1: reach only shrinks as i grows).
-PERIODS: dict[str, Callable[..., int]] = {
-    "local": lambda window: 1,
-    "atrous": lambda rate: rate,
-    "strided": lambda window, rate: rate,
+    "atrous": lambda rate, causal_: (atrous(rate), None, rate),
+    "strided": lambda window, rate, causal_: (or_masks(local(window), atrous(rate)), None, rate),
 }
 
 
@@ -105,10 +105,10 @@ def pattern(sparsity: str, causal_: bool, **params: int) -> Pattern:
     Cached, so equal arguments give the same object and the per-pattern caches below hit."""
     if sparsity not in PATTERNS:
         raise ValueError(f"unknown pattern {sparsity!r} (valid: {', '.join(PATTERNS)})")
-    base, bias = PATTERNS[sparsity](causal_=causal_, **params)
+    base, bias, period = PATTERNS[sparsity](causal_=causal_, **params)
     fn = and_masks(base, causal()) if causal_ else base
     name = f"{base.__name__}_causal" if causal_ else base.__name__
-    return Pattern(name=name, mask=_named(fn, name), xformers=bias, period=PERIODS[sparsity](**params))
+    return Pattern(name=name, mask=_named(fn, name), xformers=bias, period=period)
 
 
 FULL_CAUSAL = Pattern("causal", causal())  # standard causal attention, as a pattern (decode caches)

@@ -23,7 +23,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-MODES = ("fwd", "bwd", "fwd_bwd", "decode")
+DECODE = "decode"  # one step of new tokens against a cache of the prefix: causal by definition
+MODES = ("fwd", "bwd", "fwd_bwd", DECODE)
 BACKWARD_MODES = ("bwd", "fwd_bwd")  # the modes that differentiate, so need inputs with gradients
 FAMILIES = ("standard", "sparse", "linear", "lowrank", "baseline")
 
@@ -149,7 +150,7 @@ class Entry:
     kernel_name: Callable[[Point], str] | None = None  # what really runs: the results row's ``kernel``
     tolerance: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
     summary: str = ""
-    decoder: Decoder | None = None  # generation against a cache (mode "decode"); None: not supported
+    decoder: Decoder | None = None  # generation against a cache (mode DECODE); None: not supported
 
     def __post_init__(self) -> None:
         if self.decoder is not None and True not in self.caps.causal:
@@ -180,7 +181,7 @@ class Entry:
     def not_supported_reasons(self, point: Point) -> list[str]:
         """Why this entry cannot run ``point`` here, every reason (empty: it can)."""
         reasons = self.caps.not_supported_reasons(replace(point, params=self.resolve(point.params)))
-        if point.mode == "decode" and self.decoder is None and not reasons:
+        if point.mode == DECODE and self.decoder is None and not reasons:
             reasons.append(f"{self.name} has no decode path")
         return reasons
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import masks
-from .decode import Attend, Decoder, kv_decoder
+from .decode import Attend, Decoder, MaskOf, boolean_mask, kv_decoder
 from .merged import Part, Relation, Tiles, describe, merged_attention
 from .reference import softmax_attention
 from .registry import Capabilities, Entry, Point, register
@@ -198,19 +198,19 @@ def local_xformers(q, k, v, *, causal: bool, window: int) -> torch.Tensor:
 
 # --- decoding: a KV cache of what the pattern can still reach ------------------------------------
 
-def _sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _xformers_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-        ~mask, float("-inf")).expand(*q.shape[:2], *mask.shape)  # xformers takes an additive tensor bias
-    return xformers_attention(q, k, v, bias)
+def _local_window_bias(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> masks.BiasSpec | None:
+    """A local decode step reads the window and the new tokens; several new tokens see them through
+    xformers' own local bias, aligned bottom-right (the keys the plan reads end with them)."""
+    return None if mask is None else masks.local_bias(params["window"], 0)
 
 
-def _decoder(sparsity: str, attend: Attend, what: str) -> Decoder:
+def _pattern_decoder(sparsity: str, attend: Attend, what: str, mask_of: MaskOf = boolean_mask) -> Decoder:
     return kv_decoder(lambda params: _pattern(sparsity, True, params), attend,
-                      f"{what} over the keys the pattern reaches (window, residue class) of the KV cache")
+                      f"{what} over the keys the pattern reaches (window, residue class) of the KV cache", mask_of)
 
 
 FLEX_CAPS = Capabilities(
@@ -248,7 +248,7 @@ STRUCTURED = {
 for _sparsity, _defaults in PATTERN_DEFAULTS.items():
     # One decode path per pattern: every impl of it computes the same function, so keeps the same cache.
     _common = dict(family="sparse", reference=_reference(_sparsity), flops=sparse_flops(_sparsity),
-                   params=_defaults, decoder=_decoder(_sparsity, _sdpa_attend, "sdpa"))
+                   params=_defaults, decoder=_pattern_decoder(_sparsity, _masked_sdpa, "sdpa"))
     register(Entry(_sparsity, "dense", forward=_dense(_sparsity),
                    kernel_name=lambda p: "sdpa with dense bool mask",
                    summary="SDPA with the dense boolean mask, O(n²) memory", **_common))
@@ -265,5 +265,5 @@ register(Entry(
     caps=Capabilities(requires=("xformers",), probe=lambda p: xformers_unsupported(
         p, _pattern("local", p.causal, dict(p.params)).xformers)),
     kernel_name=lambda p: xformers_kernel(p, _pattern("local", p.causal, dict(p.params)).xformers),
-    decoder=_decoder("local", _xformers_attend, "xformers memory_efficient_attention"),
+    decoder=_pattern_decoder("local", xformers_attention, "xformers memory_efficient_attention", _local_window_bias),
     summary="xformers memory_efficient_attention with its local attention bias"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,10 +15,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from .decode import Attend, eager_attend, kv_decoder
-from .masks import FULL_CAUSAL
+from .decode import Attend, Decoder, MaskOf, boolean_mask, eager_attend, kv_decoder
+from .masks import FULL_CAUSAL, BiasSpec
 from .reference import exact_attention
-from .registry import Capabilities, Entry, Point, condense, register
+from .registry import DECODE, Capabilities, Entry, Point, condense, register
 from .xformers_ops import causal_bias, xformers_attention, xformers_kernel, xformers_unsupported
 
 
@@ -56,15 +55,19 @@ def _sdpa_forward(backend: SDPBackend):
 
 @functools.lru_cache(maxsize=256)
 def _probe_sdpa(backend: SDPBackend, device: str, dtype: str, head_dim: int, causal: bool,
-                grad: bool) -> str | None:
-    """Run the backend once on a tiny input of this kind; its refusal (with PyTorch's warnings,
-    which carry the real reasons) is the unsupported reason."""
+                grad: bool, q_len: int | None) -> str | None:
+    """Run the backend once on a tiny input of this kind (a decode step's shape when ``q_len``); its
+    refusal (with PyTorch's warnings, which carry the real reasons) is the reason it is not supported."""
     x = torch.zeros(1, 1, 16, head_dim, device=device, dtype=getattr(torch, dtype), requires_grad=grad)
+    # A decode step: q_len new queries against the cache and themselves, masked as the step masks.
+    q = x[:, :, :q_len] if q_len else x
+    mask = torch.ones(q.shape[-2], 16, dtype=torch.bool, device=device).tril(16 - q.shape[-2])
+    bias = _decode_mask_of(backend)(mask, x, {}) if q_len and q_len > 1 else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(x, x, x, is_causal=causal)
+                out = F.scaled_dot_product_attention(q, x, x, attn_mask=bias, is_causal=causal and not q_len)
             if grad:
                 out.sum().backward()
             return None
@@ -75,18 +78,29 @@ def _probe_sdpa(backend: SDPBackend, device: str, dtype: str, head_dim: int, cau
 
 def _sdpa_probe(backend: SDPBackend):
     def probe(point: Point) -> str | None:
-        grad = point.needs_grad
-        return _probe_sdpa(backend, point.device, point.dtype, point.head_dim, point.causal, grad)
+        q_len = min(point.q_len, 15) if point.mode == DECODE else None
+        return _probe_sdpa(backend, point.device, point.dtype, point.head_dim, point.causal, point.needs_grad,
+                           q_len)
 
     return probe
 
 
 # --- decoding: a KV cache of every prefix position ------------------------------------------------
 
-def _lower_right(mask: torch.Tensor | None) -> Any:
+# The CUDA backends whose kernels align a causal mask lower-right natively, given a CausalBias; the
+# others (and every CPU backend) would materialise it at every step, so they get the boolean mask.
+_LOWER_RIGHT_NATIVE = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+
+
+def _decode_mask_of(backend: SDPBackend) -> MaskOf:
     """Several new tokens see the cache and themselves up to the diagonal: the lower-right causal
-    triangle, as the bias object the fused kernels take (a boolean mask would rule them out)."""
-    return None if mask is None else causal_lower_right(*mask.shape)
+    triangle, built once per cache in the form the backend runs fastest."""
+    def mask_of(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> Any:
+        if mask is None or not (keys.is_cuda and backend in _LOWER_RIGHT_NATIVE):
+            return mask
+        return causal_lower_right(*mask.shape)
+
+    return mask_of
 
 
 def _sdpa_attend(backend: SDPBackend) -> Attend:
@@ -97,11 +111,11 @@ def _sdpa_attend(backend: SDPBackend) -> Attend:
     return attend
 
 
-def _xformers_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return xformers_attention(q, k, v, None if mask is None else ("LowerTriangularFromBottomRightMask", ()))
+def _xformers_bias(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> BiasSpec | None:
+    return None if mask is None else ("LowerTriangularFromBottomRightMask", ())
 
 
-def _decoder(attend: Attend, what: str, mask_of: Callable[[torch.Tensor | None], Any] = lambda mask: mask):
+def _decoder(attend: Attend, what: str, mask_of: MaskOf = boolean_mask) -> Decoder:
     return kv_decoder(lambda params: FULL_CAUSAL, attend, f"{what} over the KV cache", mask_of)
 
 
@@ -122,7 +136,7 @@ for _impl, _backend, _caps in (
     register(Entry("standard", _impl, "baseline", _sdpa_forward(_backend), reference, dense_flops,
                    caps=Capabilities(**_caps, probe=_sdpa_probe(_backend)),
                    kernel_name=functools.partial(lambda p, b: f"sdpa:{b.name}", b=_backend),
-                   decoder=_decoder(_sdpa_attend(_backend), f"sdpa:{_backend.name}", _lower_right),
+                   decoder=_decoder(_sdpa_attend(_backend), f"sdpa:{_backend.name}", _decode_mask_of(_backend)),
                    summary=f"{_SUMMARY} through torch SDPA restricted to {_backend.name}"))
 
 register(Entry("standard", "xformers", "baseline",
@@ -131,5 +145,5 @@ register(Entry("standard", "xformers", "baseline",
                caps=Capabilities(requires=("xformers",),
                                  probe=lambda p: xformers_unsupported(p, causal_bias(p.causal))),
                kernel_name=lambda p: xformers_kernel(p, causal_bias(p.causal)),
-               decoder=_decoder(_xformers_attend, "xformers memory_efficient_attention"),
+               decoder=_decoder(xformers_attention, "xformers memory_efficient_attention", _xformers_bias),
                summary=f"{_SUMMARY} through xformers memory_efficient_attention"))

@@ -32,7 +32,7 @@ BASELINE_FAMILY = "baseline"
 STANDARD_FAMILIES = ("standard", BASELINE_FAMILY)
 PANEL_COLUMNS = ("mode", "causal", "dtype", "head_dim")
 # Split a panel only where these vary at one sequence length (see the module docstring).
-SPLIT_COLUMNS = ("device_name", "heads", "batch")
+SPLIT_COLUMNS = ("device_name", "heads", "batch", "q_len")
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2}
 # More panels than this are not drawn (the page would be unreadable and slow: three figures per
 # panel); the report names the ones left out. The summary speaks of the first few only.
@@ -40,7 +40,7 @@ MAX_PANELS = 6
 SUMMARY_PANELS = 3
 
 
-DECODE = "decode"  # the mode whose points have their own section (a step against a cache)
+# Decode points (a step against a cache: variants.DECODE) have their own section.
 
 
 def kernel_rows(rows: pd.DataFrame) -> pd.DataFrame:

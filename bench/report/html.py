@@ -25,6 +25,8 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader
 from markupsafe import Markup
 
+from variants.registry import DECODE
+
 from .. import __version__
 from . import analysis, figures, reference, training
 from .analysis import Panels
@@ -85,7 +87,7 @@ def prepare(rows: pd.DataFrame, baseline: str | None = None, profiles: Mapping[s
     kernel = analysis.with_series(analysis.kernel_rows(rows))
     chosen = analysis.resolve_baseline(kernel, baseline)
     ok = kernel[(kernel["status"] == "ok") & kernel["time_ms"].notna()]
-    decoding = ok["mode"].eq(analysis.DECODE)
+    decoding = ok["mode"].eq(DECODE)
     full = analysis.timings(ok[~decoding], chosen)
     families = kernel[["series", "family"]].drop_duplicates("series")
     family_of = figures.legend_order(families["series"], families["family"])
