@@ -516,7 +516,7 @@ def _print_doctor(report) -> None:
         ratio = f"{v.ratio:.3f}" if v.within(report.bounds) else f"[bold red]{v.ratio:.3f}[/]"
         table.add_row(escape(v.probe.entry), mode, f"{v.harness_ms:.4g}", f"{v.independent_ms:.4g}", ratio,
                       f"{v.spread:.2f}")
-    out.print(table, width=max(out.width, 100))  # the entry names stay whole in a pipe's 80 columns
+    Console(width=max(out.width, 100)).print(table)  # the entry names stay whole in a pipe's 80 columns
     for v in report.verdicts:
         if v.skipped:
             out.print(f"skipped {escape(v.probe.label)}: {escape(v.skipped)}", highlight=False)
