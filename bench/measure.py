@@ -21,6 +21,7 @@ Definitions (also in the README):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import statistics
 import weakref
@@ -111,11 +112,13 @@ class Outputs:
     softmax: torch.Tensor
 
 
-def _kernel_call(entry: Entry, point: Point) -> tuple[Call, int]:
+ModeCall = Callable[[Callable[[], torch.Tensor], tuple, torch.Tensor], Call]  # _fwd, _fwd_bwd, _bwd
+
+
+def _kernel_call(mode_call: ModeCall, entry: Entry, point: Point) -> tuple[Call, int]:
     q, k, v, grad_out = make_inputs(point, grad=point.needs_grad)
     params = dict(point.params)
-    calls = {"fwd": _fwd, "fwd_bwd": _fwd_bwd, "bwd": _bwd}
-    call = calls[point.mode](lambda: entry.forward(q, k, v, causal=point.causal, **params), (q, k, v), grad_out)
+    call = mode_call(lambda: entry.forward(q, k, v, causal=point.causal, **params), (q, k, v), grad_out)
     return call, sum(t.numel() * t.element_size() for t in (q, k, v))
 
 
@@ -133,7 +136,7 @@ def _decode_inputs(entry: Entry, point: Point) -> tuple[Any, tuple[torch.Tensor,
     all n + q_len tokens' q, k, v."""
     n = point.seq_len
     tokens = make_inputs(point, grad=False, tokens=n + point.q_len, upstream=False)
-    q, k, v = tokens
+    _, k, v = tokens
     cache = entry.decoder.prefill(k[:, :, :n], v[:, :, :n], q_len=point.q_len, **dict(point.params))
     new = tuple(t[:, :, n:].contiguous() for t in tokens)
     return cache, new, tokens
@@ -182,16 +185,18 @@ class Workload:
     columns: Callable[[Entry, Point, float], dict[str, Any]] = lambda entry, point, median_ms: {}
 
 
-def _kernel_workload(factor: float) -> Workload:
-    return Workload(_kernel_call, _kernel_outputs, lambda entry, point: entry.flops(point) * factor,
+def _kernel_workload(mode_call: ModeCall, factor: float) -> Workload:
+    return Workload(functools.partial(_kernel_call, mode_call), _kernel_outputs,
+                    lambda entry, point: entry.flops(point) * factor,
                     lambda entry, point: entry.kernel_name(point) if entry.kernel_name else None)
 
 
-# FLOPs of a mode relative to the forward (FlashAttention convention: backward = 2.5 × forward).
+# The one table of modes. FLOPs relative to the forward: FlashAttention's convention, backward = 2.5×.
 WORKLOADS: dict[str, Workload] = {
-    "fwd": _kernel_workload(1.0), "bwd": _kernel_workload(2.5), "fwd_bwd": _kernel_workload(3.5),
+    "fwd": _kernel_workload(_fwd, 1.0), "bwd": _kernel_workload(_bwd, 2.5),
+    "fwd_bwd": _kernel_workload(_fwd_bwd, 3.5),
     DECODE: Workload(_decode_call, _decode_outputs, lambda entry, point: entry.decoder.flops(point),
-                       lambda entry, point: entry.decoder.kernel, _decode_columns),
+                     lambda entry, point: entry.decoder.kernel, _decode_columns),
 }
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from variants.registry import MODES
+
 from ..errors import BadInput
 from ..store import STATUSES
 
@@ -33,7 +35,7 @@ STANDARD_FAMILIES = ("standard", BASELINE_FAMILY)
 PANEL_COLUMNS = ("mode", "causal", "dtype", "head_dim")
 # Split a panel only where these vary at one sequence length (see the module docstring).
 SPLIT_COLUMNS = ("device_name", "heads", "batch", "q_len")
-MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2}
+MODE_ORDER = {mode: i for i, mode in enumerate(MODES)}
 # More panels than this are not drawn (the page would be unreadable and slow: three figures per
 # panel); the report names the ones left out. The summary speaks of the first few only.
 MAX_PANELS = 6
