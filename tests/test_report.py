@@ -1,6 +1,8 @@
 """``bench report html``: the analysis (best baseline, ratios, exponents, crossovers) from tables with
 known answers, the page from a synthetic table (escaping, one figure per panel, nothing fetched,
-non-ok rows only under Problems, training rows ignored), from a real tiny sweep, and in a browser."""
+non-ok rows only under Problems, training rows ignored), decode steps alone and beside full-sequence
+calls (headlines and counts over every mode), every committed run's counts agreeing on its page,
+from a real tiny sweep, and in a browser."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typer.testing import CliRunner
 from bench.cli import app
 from bench.report import analysis, reference, render
 from bench.store import COLUMNS, point_key, read_results, write_rows
+from variants.registry import DECODE
 
 EVIL = "<script>alert(1)</script>"
 H100 = "NVIDIA H100 80GB HBM3"
@@ -85,6 +88,30 @@ def synthetic_rows(modes=("fwd", "fwd_bwd"), lengths=LENGTHS, noise: float = 0.0
     return rows
 
 
+DECODE_LENGTHS = (4096, 16384, 65536)
+# (variant, impl, family, step time (ms) at cache length n, cache bytes at n)
+DECODERS = (
+    ("standard", "sdpa-flash", "baseline", lambda n: 1e-4 * n, lambda n: 512 * n),
+    ("standard", "eager", "standard", lambda n: 2e-4 * n, lambda n: 512 * n),
+    ("local", "blocked", "sparse", lambda n: 0.05, lambda n: 512 * 256),
+    ("linear-elu1", "recurrent", "linear", lambda n: 2.0, lambda n: 66560),
+)
+
+
+def decode_rows() -> list[dict]:
+    """Decode steps with known answers (local/blocked noisy below the largest length) and an entry
+    that is unsupported at every length."""
+    rows = []
+    for variant, impl, family, time_at, cache_at in DECODERS:
+        for n in DECODE_LENGTHS:
+            noisy = variant == "local" and n < DECODE_LENGTHS[-1]
+            rows.append(row(variant, impl, family, n, DECODE, causal=True, q_len=1,
+                            **ok_fields(time_at(n), 1e6, n, noisy), cache_bytes=cache_at(n),
+                            gbps=cache_at(n) / time_at(n) / 1e6))
+    return rows + [row("standard", "xformers", "baseline", n, DECODE, causal=True, q_len=1, status="unsupported",
+                       reason="xformers needs CUDA") for n in DECODE_LENGTHS]
+
+
 @pytest.fixture
 def synthetic(tmp_path: Path) -> Path:
     directory = tmp_path / "results" / "syn"
@@ -117,6 +144,48 @@ class Page(HTMLParser):
 def sections(text: str) -> dict[str, str]:
     """The HTML of each section, by id."""
     return dict(re.findall(r'<section id="([^"]+)">(.*?)</section>', text, flags=re.S))
+
+
+def plain(part: str) -> str:
+    """A section's text as a reader sees it: no heading, tags or entities, whitespace collapsed."""
+    return " ".join(html.unescape(re.sub(r"<h2>.*?</h2>|<[^>]+>", " ", part)).split())
+
+
+def number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def assert_counts_agree(text: str) -> None:
+    """Every count on the page tells one story, over every mode: the subtitle, the cards, the summary,
+    the environment's status counts and Problems; the summary says no point ran only when none did,
+    and no section says a kind of call has nothing while another section draws it."""
+    parts, figures, said = sections(text), Page(text).figures, plain(text)
+    cards = {label: value for value, label in
+             re.findall(r'<div class="value">([^<]*)</div>\s*<div class="label">([^<]*)</div>', parts["overview"])}
+
+    def card(prefix: str, default: str) -> str:
+        return next((value for label, value in cards.items() if label.startswith(prefix)), default)
+
+    kernel_ok, kernel_all = map(number, card("kernel points ok", "0 / 0").split(" / "))
+    train_ok, train_all = map(number, card("training runs ok", "0 / 0").split(" / "))
+    problems = number(card("rows with problems", "-1"))
+    listed = sum(number(count) for count in re.findall(r'<td class="num">([\d,]+)</td>', parts["problems"]))
+    assert listed == problems == kernel_all - kernel_ok + train_all - train_ok
+    statuses = re.findall(r"(\d+) (\w+)", plain(re.search(r"<th>rows</th>(.*?)</tr>", parts["overview"]).group(1)))
+    assert sum(int(n) for n, status in statuses if status == "ok") == kernel_ok + train_ok
+    assert sum(int(n) for n, status in statuses if status != "ok") == problems
+    subtitle = re.search(r'<div class="sub">([^<]*)</div>', text).group(1)
+    assert f"· {kernel_all + train_all:,} rows" in subtitle
+    summary = plain(parts["overview"])
+    assert ("No kernel point ran successfully" in summary) == (kernel_all > 0 and kernel_ok == 0)
+    if kernel_all:
+        assert f"{kernel_all:,} kernel rows: {kernel_ok:,} ok, {kernel_all - kernel_ok:,} with problems" in summary
+        drawn = len(figures["time-memory"]) + len(figures.get("decode", []))
+        assert re.search(rf"· {drawn} panels?( ·|$)", subtitle), (drawn, subtitle)
+    if figures.get("time-memory"):
+        assert "no full-sequence point" not in said and "full-sequence points ran ok" not in said
+    if figures.get("decode"):
+        assert "no decode step" not in said and "decode steps ran ok" not in said
 
 
 def assert_self_contained(page: Page, text: str) -> None:
@@ -230,7 +299,7 @@ def test_synthetic_report_page(synthetic: Path) -> None:
     assert_self_contained(page, text)
     panels = ["fwd · non-causal · bfloat16 · d=64", "fwd_bwd · non-causal · bfloat16 · d=64"]
     assert page.figures == {"overview": [], "time-memory": panels, "ratios": panels, "exponents": [],
-                            "throughput": panels, "quality": [], "train-quality": [], "problems": []}
+                            "throughput": panels, "decode": [], "quality": [], "train-quality": [], "problems": []}
     assert text.count("<svg") == 3 * len(panels)
     # Every string from results is escaped, the raw one never appears.
     assert EVIL not in text and "<b>host" not in text
@@ -251,18 +320,71 @@ def test_synthetic_report_page(synthetic: Path) -> None:
     # linear-elu1 is launch-bound at the smallest n in both modes: counted, starred and crossed.
     assert "2 points are launch-bound" in parts["overview"]
     assert re.search(r">\*[\d.]+×<", parts["ratios"]), "no starred speed-up cell"
+    # No decode step in this run: the decode section says so in one line.
+    assert plain(parts["decode"]) == "These results hold no decode step, only full-sequence points."
+    assert_counts_agree(text)
 
 
 def test_kernel_sections_skip_training_rows_and_handle_no_ok_kernel_point(tmp_path: Path) -> None:
     train = [r for r in synthetic_rows() if r["kind"] == "train"]
     problems_only = [r for r in synthetic_rows() if r["kind"] == "kernel" and r["status"] != "ok"]
     text = render(pd.DataFrame(problems_only).reindex(columns=list(COLUMNS)))
+    parts = sections(text)
     assert Page(text).figures["time-memory"] == []
-    assert "No ok kernel point to draw." in text
+    for section in ("time-memory", "ratios", "exponents", "throughput"):
+        assert plain(parts[section]) == "None of the 12 full-sequence points ran ok (see Problems).", section
+    assert "No kernel point ran successfully." in parts["overview"]
+    assert_counts_agree(text)
     # No kernel row at all: the kernel sections are left out, not drawn empty.
     text = render(pd.DataFrame(train).reindex(columns=list(COLUMNS)))
     assert set(sections(text)) == {"overview", "train-quality", "problems"}
     assert "kernel points ok" not in text and "panels" not in text
+
+
+def test_a_decode_only_report_speaks_of_its_decode_steps() -> None:
+    """Decode steps alone: the headline is the best step against the best standard one at the largest
+    cache length, every count includes them, and the full-sequence sections say in one line that there
+    are none (not that no point ran)."""
+    text = render(pd.DataFrame(decode_rows()).reindex(columns=list(COLUMNS)))
+    parts = sections(text)
+    summary = plain(parts["overview"])
+    assert "No kernel point ran successfully" not in summary
+    # At n = 65,536: flash's 1e-4·n = 6.55 ms against local/blocked's 0.05 ms; cache 512·256 ÷ 512·n.
+    assert ("Decoding against a cache of n=65,536 (decode · causal · bfloat16 · d=64), local/blocked takes "
+            "0.05 ms a step, 131× faster than the fastest standard step (standard/sdpa-flash, 6.55 ms), and "
+            "keeps 0.0039× the standard cache.") in summary
+    assert "2 of 2 non-standard series overtake the fastest standard step" in summary
+    assert "15 kernel rows: 12 ok, 3 with problems (listed under Problems); 2 aggregated points are noisy" in summary
+    assert ("131× best decode step speed-up: local/blocked, decode · causal · bfloat16 · d=64, n=65,536"
+            in summary)
+    for section in ("time-memory", "ratios", "exponents", "throughput"):
+        assert plain(parts[section]) == "These results hold no full-sequence point, only decode steps (see Decoding)."
+    assert Page(text).figures["decode"] == ["decode · causal · bfloat16 · d=64"]
+    assert_counts_agree(text)
+
+
+def test_a_report_of_full_sequence_calls_and_decode_steps_counts_every_mode() -> None:
+    kernel = [r for r in synthetic_rows() if r["kind"] == "kernel"]
+    text = render(pd.DataFrame(kernel + decode_rows()).reindex(columns=list(COLUMNS)))
+    summary = plain(sections(text)["overview"])
+    assert "At n=4,096 (fwd · non-causal · bfloat16 · d=64), linear-elu1/linear is 8.2× faster" in summary
+    assert "Decoding against a cache of n=65,536 (decode · causal · bfloat16 · d=64), local/blocked" in summary
+    # 2 modes × (6 series × 5 lengths ok + 6 problems), and 12 ok + 3 unsupported decode steps; noisy:
+    # local/blocked at the smallest length of each full-sequence mode and at two cache lengths.
+    assert "87 kernel rows: 72 ok, 15 with problems (listed under Problems); 4 aggregated points are noisy" in summary
+    assert "· 3 panels" in text
+    assert_counts_agree(text)
+
+
+COMMITTED_RUNS = sorted(p for p in (Path(__file__).parents[1] / "results").iterdir() if p.is_dir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", COMMITTED_RUNS, ids=[p.name for p in COMMITTED_RUNS])
+def test_every_committed_run_reports_one_story(run: Path) -> None:
+    """Decode-only, mixed, full-sequence and training runs as committed: no count or headline of the
+    page contradicts another."""
+    assert_counts_agree(render(read_results([run])))
 
 
 def test_baseline_option_and_bad_inputs_exit_2(synthetic: Path, tmp_path: Path) -> None:

@@ -72,21 +72,37 @@ DECODE_COLUMNS = ["panel", "series", "family", "seq_len", "time_ms", "speedup", 
                   "gbps", "pct_bandwidth", "crossover"]
 
 
+def decode_points(decode: Timings) -> pd.DataFrame:
+    """Every aggregated decode point with its speed-up and cache size against the best standard step
+    at the same (panel, n) (family standard or baseline; NaN where none ran there): ``speedup``,
+    ``cache_ratio``, ``std_time``, ``std_time_series``, and ``noisy`` when either side is."""
+    agg = decode.agg
+    standard = agg["family"].isin(STANDARD_FAMILIES)
+    best = best_per_point(agg, standard, "std")
+    cache = agg[standard].groupby(["panel", "seq_len"])["cache_bytes"].min().rename("std_cache").reset_index()
+    points = agg.merge(best, on=["panel", "seq_len"], how="left").merge(cache, on=["panel", "seq_len"], how="left")
+    return points.assign(speedup=points["std_time"] / points["time_ms"],
+                         cache_ratio=points["cache_bytes"] / points["std_cache"],
+                         noisy=points["noisy"] | points["std_noisy"].eq(True))
+
+
 def decode_table(decode: Timings) -> pd.DataFrame:
     """Per (panel, series), at its largest length: step time, speed-up and cache size against the
     best standard step there (family standard or baseline), achieved bandwidth, and the crossover."""
-    agg = decode.agg
-    if agg.empty:
-        return pd.DataFrame(columns=DECODE_COLUMNS)
-    standard = best_per_point(agg, agg["family"].isin(STANDARD_FAMILIES), "std")
-    cache = agg[agg["family"].isin(STANDARD_FAMILIES)].groupby(["panel", "seq_len"])["cache_bytes"].min()
-    last = agg.loc[agg.groupby(["panel", "series"])["seq_len"].idxmax()].merge(standard, on=["panel", "seq_len"],
-                                                                               how="left")
-    last = last.assign(speedup=last["std_time"] / last["time_ms"],
-                       cache_ratio=last["cache_bytes"] / last.set_index(["panel", "seq_len"]).index.map(cache))
+    points = decode_points(decode)
+    last = points.loc[points.groupby(["panel", "series"])["seq_len"].idxmax()]
     crossovers = decode.fits.set_index(["panel", "series"])["crossover"]
     last["crossover"] = [crossovers.get((p, s)) for p, s in zip(last["panel"], last["series"], strict=True)]
     return last[DECODE_COLUMNS]
+
+
+def decode_leaders(decode: Timings) -> pd.DataFrame:
+    """Per decode panel, the non-standard series with the best speed-up at the largest cache length
+    where it and a standard step both ran: the decode headline (rows of decode_points)."""
+    points = decode_points(decode)
+    rivals = points[~points["family"].isin(STANDARD_FAMILIES)].dropna(subset=["speedup"])
+    largest = rivals[rivals["seq_len"] == rivals.groupby("panel")["seq_len"].transform("max")]
+    return largest.loc[largest.groupby("panel")["speedup"].idxmax()]
 
 
 def json_object(text: object) -> dict | None:
@@ -433,22 +449,50 @@ def times(x: float) -> str:
     return f"{x:,.0f}×" if x >= 10 else f"{x:.2g}×"
 
 
+# The summary's lines where points ran but none has a reference beside it (the ratio section says
+# NO_RATIO too).
+NO_RATIO = "No point has both a baseline and another series measured, so there are no speed-ups to report."
+NO_DECODE_RATIO = ("No cache length has both a standard step and another series measured, so there are no "
+                   "decode speed-ups to report.")
+
+
+def _faster(speedup: float) -> str:
+    """A speed-up in words: "23× faster than", "2.5× slower than"."""
+    return f"{times(speedup)} faster than" if speedup >= 1 else f"{times(1 / speedup)} slower than"
+
+
+def _full_stop(noisy: bool) -> str:
+    """A headline's end: a timed ratio on a noisy point says so."""
+    return "; this point is noisy." if noisy else "."
+
+
 def _best_sentence(ratio: pd.DataFrame, panel: str, against: str) -> str:
     """The series with the best speed-up at the largest length of a panel that has a baseline."""
     at = ratio[ratio["seq_len"] == ratio["seq_len"].max()]
     best = at.loc[at["speedup"].idxmax()]
-    speed = (f"{times(best['speedup'])} faster than" if best["speedup"] >= 1
-             else f"{times(1 / best['speedup'])} slower than")
-    text = f"At n={best['seq_len']:,} ({panel}), {best['series']} is {speed} {against} ({best['base_time_series']})"
+    text = (f"At n={best['seq_len']:,} ({panel}), {best['series']} is {_faster(best['speedup'])} {against} "
+            f"({best['base_time_series']})")
     if pd.notna(best["mem_ratio"]):
         whose = "its" if best["base_mem_series"] == best["base_time_series"] else \
             f"the leanest baseline's ({best['base_mem_series']})"
         text += f" and uses {times(best['mem_ratio'])} {whose} peak memory"
-    return text + ("; this point is noisy." if best["noisy"] else ".")
+    return text + _full_stop(best["noisy"])
 
 
-def _crossover_sentence(contenders: pd.DataFrame) -> list[str]:
-    """How many non-standard series of a panel overtake standard attention, and the earliest."""
+def _decode_sentence(best: pd.Series) -> str:
+    """A decode panel's headline (its row of decode_leaders): the best step against the best standard one."""
+    text = (f"Decoding against a cache of n={best['seq_len']:,} ({best['panel']}), {best['series']} takes "
+            f"{best['time_ms']:.3g} ms a step, {_faster(best['speedup'])} the fastest standard step "
+            f"({best['std_time_series']}, {best['std_time']:.3g} ms)")
+    if pd.notna(best["cache_ratio"]):
+        text += f", and keeps {times(best['cache_ratio'])} the standard cache"
+    return text + _full_stop(best["noisy"])
+
+
+def _crossover_sentence(fits: pd.DataFrame, panel: str, reference: str) -> list[str]:
+    """How many non-standard series of a panel overtake the fastest standard ``reference``, and the
+    earliest."""
+    contenders = fits[(fits["panel"] == panel) & fits["crossover_outcome"].notna()]
     if contenders.empty:
         return []
     wins = contenders[contenders["crossover_outcome"].isin(["at", "always"])]
@@ -456,33 +500,46 @@ def _crossover_sentence(contenders: pd.DataFrame) -> list[str]:
     earliest = (f" (earliest crossing: {crossing['series'].iloc[0]} at n ≈ {crossing['crossover_n'].iloc[0]:,.0f})"
                 if len(crossing) else "")
     return [f"{len(wins)} of {len(contenders)} non-standard series overtake the fastest standard "
-            f"implementation within the measured range{earliest}."]
+            f"{reference} within the measured range{earliest}."]
 
 
-def summary(kernel: pd.DataFrame, agg: pd.DataFrame, panels: Panels, ratio: pd.DataFrame,
-            fits: pd.DataFrame, baseline: str | None) -> list[str]:
-    """The headline paragraph, as sentences written from the data: for the first panels, the best
-    series at the largest length that has a baseline and where series overtake standard attention;
-    then what went wrong."""
+def _flagged(column: str, *timings: Timings) -> int:
+    """Aggregated points with this flag, over the timings of every mode (each section draws its own marked)."""
+    return sum(int(t.agg[column].sum()) for t in timings)
+
+
+def summary(kernel: pd.DataFrame, full: Timings, decode: Timings, baseline: str | None) -> list[str]:
+    """The headline paragraph, as sentences written from the data of every mode: for the first panels
+    of full-sequence calls, the best series at the largest length that has a baseline and where series
+    overtake standard attention; for the first decode panels, the best step against the best standard
+    one at the largest cache length and the same crossovers; then what ran, what went wrong and what
+    is flagged, over every kernel row."""
     against = "the chosen baseline" if baseline else "the best baseline"
     sentences = []
-    for panel in panels.titles[:SUMMARY_PANELS]:
-        here = ratio[ratio["panel"] == panel]
+    for panel in full.panels.titles[:SUMMARY_PANELS]:
+        here = full.ratio[full.ratio["panel"] == panel]
         if len(here):
             sentences.append(_best_sentence(here, panel, against))
-        sentences += _crossover_sentence(fits[(fits["panel"] == panel) & fits["crossover_outcome"].notna()])
-    if ratio.empty:
-        sentences.append("No point has both a baseline and another series measured, so there are no "
-                         "speed-ups to report." if len(agg) else "No kernel point ran successfully.")
+        sentences += _crossover_sentence(full.fits, panel, "implementation")
+    if len(full.agg) and full.ratio.empty:
+        sentences.append(NO_RATIO)
+    leaders = decode_leaders(decode)
+    for panel in decode.panels.titles[:SUMMARY_PANELS]:
+        sentences += [_decode_sentence(best) for _, best in leaders[leaders["panel"] == panel].iterrows()]
+        sentences += _crossover_sentence(decode.fits, panel, "step")
+    if len(decode.agg) and leaders.empty:
+        sentences.append(NO_DECODE_RATIO)
+    if full.agg.empty and decode.agg.empty:
+        sentences.append("No kernel point ran successfully.")
     bad = int((kernel["status"] != "ok").sum())
-    noisy = int(agg["noisy"].sum()) if len(agg) else 0
+    noisy = _flagged("noisy", full, decode)
     sentences.append(f"{len(kernel):,} kernel rows: {len(kernel) - bad:,} ok, {bad:,} with problems "
                      f"(listed under Problems); {noisy:,} aggregated points are noisy and drawn hollow.")
-    launch_bound = int(agg["launch_bound"].sum()) if len(agg) else 0
-    if launch_bound:
+    if launch_bound := _flagged("launch_bound", full, decode):
         sentences.append(f"{launch_bound:,} points are launch-bound (Python took at least as long to enqueue the "
                          "call as the device took to run it) and are drawn crossed.")
-    if panels.omitted:
-        sentences.append(f"{len(panels.omitted)} further panels are not drawn (only the {MAX_PANELS} "
-                         "with the most points are; the others are named under Time and memory).")
+    for timings, kind, section in ((full, "", "Time and memory"), (decode, "decode ", "Decoding")):
+        if timings.panels.omitted:
+            sentences.append(f"{len(timings.panels.omitted)} further {kind}panels are not drawn (only the "
+                             f"{MAX_PANELS} with the most points are; the others are named under {section}).")
     return sentences

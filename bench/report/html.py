@@ -5,9 +5,11 @@ the CSS (templates/: the page, its macros and one template per section).
 
 The page is a list of section builders (SECTIONS); each takes the prepared Report and returns a
 Section, or None when it has nothing to show. Kernel sections draw from rows whose kind is
-"kernel" and are left out when there are none; training sections (kind "train", one grid per
-study) are left out when no study varies what they are about. Profile links point at local files
-only, relative to the report's folder.
+"kernel" and are left out when there are none; a kernel section about one kind of call (full-sequence
+calls, or decode steps) says so in one line when none of that kind ran ok, so that no section
+draws nothing or claims there is nothing while the other kind has data. Training sections (kind
+"train", one grid per study) are left out when no study varies what they are about. Profile links
+point at local files only, relative to the report's folder.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from variants.registry import DECODE
 
 from .. import __version__
 from . import analysis, figures, reference, training
-from .analysis import Panels
 
 # What `bench profile` writes in a profile folder (bench.profile.FILES, not imported: it loads torch).
 PROFILE_FILES = ("trace.json", "kernels.csv", "summary.json")
@@ -41,16 +42,13 @@ class Report:
 
     rows: pd.DataFrame  # every row read, all kinds
     kernel: pd.DataFrame  # kind == "kernel", with a ``series`` column
-    agg: pd.DataFrame  # ok full-sequence kernel points aggregated per (panel, series, n), drawn panels only
-    panels: Panels
+    full: analysis.Timings  # ok full-sequence kernel points aggregated per (panel, series, n), drawn panels only
     baseline: str | None  # the series chosen with --baseline, None for the best baseline
-    ratio: pd.DataFrame
-    fits: pd.DataFrame
     style_of: dict[str, figures.Style]
     order: list[str]  # series in legend/table order
     train: pd.DataFrame  # kind == "train", with ``series`` and ``study`` columns
     studies: list[training.Study]
-    decode: analysis.Timings  # ok decode points, aggregated the same way
+    decode: analysis.Timings  # ok decode steps, aggregated the same way
     profiles: Mapping[str, str] = field(default_factory=dict)  # point key -> profile folder
     links_from: Path | None = None  # the report's folder: local links are relative to it
 
@@ -88,15 +86,13 @@ def prepare(rows: pd.DataFrame, baseline: str | None = None, profiles: Mapping[s
     chosen = analysis.resolve_baseline(kernel, baseline)
     ok = kernel[(kernel["status"] == "ok") & kernel["time_ms"].notna()]
     decoding = ok["mode"].eq(DECODE)
-    full = analysis.timings(ok[~decoding], chosen)
     families = kernel[["series", "family"]].drop_duplicates("series")
     family_of = figures.legend_order(families["series"], families["family"])
     train = training.train_rows(rows)
-    return Report(rows=rows, kernel=kernel, agg=full.agg, panels=full.panels, baseline=chosen,
-                  ratio=full.ratio, fits=full.fits, style_of=figures.styles(family_of, chosen),
-                  order=list(family_of), train=train, studies=training.studies(train),
-                  decode=analysis.timings(ok[decoding], chosen), profiles=dict(profiles or {}),
-                  links_from=links_from)
+    return Report(rows=rows, kernel=kernel, full=analysis.timings(ok[~decoding], chosen), baseline=chosen,
+                  style_of=figures.styles(family_of, chosen), order=list(family_of), train=train,
+                  studies=training.studies(train), decode=analysis.timings(ok[decoding], chosen),
+                  profiles=dict(profiles or {}), links_from=links_from)
 
 
 # --- templates -----------------------------------------------------------------------------------
@@ -140,13 +136,55 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 
 # --- sections ------------------------------------------------------------------------------------
 
-def _kernel_section(build: Callable[[Report], Section]) -> SectionBuilder:
-    """Leave a kernel section out of a report without kernel rows (a training-only run)."""
-    @functools.wraps(build)
-    def wrapper(report: Report) -> Section | None:
-        return build(report) if len(report.kernel) else None
+# The one line a section shows in place of its body when it has nothing of its kind; None: draw the body.
+Missing = Callable[[Report], str | None]
 
-    return wrapper
+
+def _kernel_section(section_id: str, title: str, missing: Missing | None = None
+                    ) -> Callable[[Callable[[Report], Markup | None]], SectionBuilder]:
+    """A kernel section from the builder of its body: left out of a report without kernel rows (a
+    training-only run) or where the body is None, and ``missing``'s line in place of the body where
+    it gives one."""
+    def decorate(body: Callable[[Report], Markup | None]) -> SectionBuilder:
+        @functools.wraps(body)
+        def build(report: Report) -> Section | None:
+            if not len(report.kernel):
+                return None
+            line = missing(report) if missing else None
+            content = Markup('<p class="note">{}</p>').format(line) if line else body(report)
+            return None if content is None else Section(section_id, title, content)
+
+        return build
+
+    return decorate
+
+
+def _none_ran(report: Report, decode: bool) -> str | None:
+    """For a section about full-sequence points (or decode steps): its line when none of them ran ok,
+    whether the run measured some (then they are under Problems) or only the other kind."""
+    if len((report.decode if decode else report.full).agg):
+        return None
+    what, other = ("decode step", "full-sequence points") if decode else \
+        ("full-sequence point", "decode steps (see Decoding)")
+    measured = int(report.kernel["mode"].eq(DECODE).eq(decode).sum())
+    if measured:
+        return f"None of the {measured:,} {what}s ran ok (see Problems)."
+    return f"These results hold no {what}, only {other}."
+
+
+_no_full_point = functools.partial(_none_ran, decode=False)
+_no_decode_step = functools.partial(_none_ran, decode=True)
+
+
+def _no_ratio(report: Report) -> str | None:
+    """The ratio section's line: no full-sequence point ran ok, or none beside a baseline (nothing to
+    divide by; the summary says the same)."""
+    return _no_full_point(report) or (analysis.NO_RATIO if report.full.ratio.empty else None)
+
+
+def _count(n: int, one: str, many: str) -> str:
+    """``n`` with its noun: "1 panel", "4 panels"."""
+    return f"{n:,} {one if n == 1 else many}"
 
 
 def _ok_of(rows: pd.DataFrame) -> str:
@@ -158,16 +196,21 @@ def overview_section(report: Report) -> Section:
     kernel, train = report.kernel, report.train
     summary, findings, cards = [], [], []
     if len(kernel):
-        summary += analysis.summary(kernel, report.agg, report.panels, report.ratio, report.fits, report.baseline)
+        summary += analysis.summary(kernel, report.full, report.decode, report.baseline)
         cards.append({"value": _ok_of(kernel), "label": "kernel points ok / measured"})
-        for column, better, what in (("speedup", "max", "best speed-up"), ("mem_ratio", "min", "leanest memory ratio")):
-            best = analysis.best_point(report.ratio, column, better, timed=column == "speedup")
+        # The decode card is the best of the summary's decode headlines, each against the best standard step.
+        for ratio, column, better, what in ((report.full.ratio, "speedup", "max", "best speed-up"),
+                                            (report.full.ratio, "mem_ratio", "min", "leanest memory ratio"),
+                                            (analysis.decode_leaders(report.decode), "speedup", "max",
+                                             "best decode step speed-up")):
+            best = analysis.best_point(ratio, column, better, timed=column == "speedup")
             if best is not None:
                 cards.append({"value": analysis.times(best[column]),
                               "label": f"{what}: {best['series']}, {best['panel']}, n={best['seq_len']:,}"})
     if len(train):
         findings = training.summary(report.studies)
-        cards.append({"value": _ok_of(train), "label": f"training runs ok / run, in {len(report.studies)} studies"})
+        studies = _count(len(report.studies), "study", "studies")
+        cards.append({"value": _ok_of(train), "label": f"training runs ok / run, in {studies}"})
     problems = report.measured["status"].ne("ok").sum()
     cards.append({"value": f"{problems:,}", "label": "rows with problems (see Problems)"})
     body = _render("overview.html.j2", cards=cards, summary=summary, findings=findings,
@@ -175,34 +218,34 @@ def overview_section(report: Report) -> Section:
     return Section("overview", "Summary and environment", body)
 
 
-@_kernel_section
-def scaling_plots_section(report: Report) -> Section:
+@_kernel_section("time-memory", "Time and memory vs sequence length", _no_full_point)
+def scaling_plots_section(report: Report) -> Markup:
+    full = report.full
     items = [(title, Markup(figures.scaling_figure(data, report.style_of, report.order)))
-             for title, data in report.panels.split(report.agg)]
-    body = _render("scaling_plots.html.j2", items=items, chosen=report.baseline, omitted=report.panels.omitted,
-                   shown=len(report.panels.titles))
-    return Section("time-memory", "Time and memory vs sequence length", body)
+             for title, data in full.panels.split(full.agg)]
+    return _render("scaling_plots.html.j2", items=items, chosen=report.baseline, omitted=full.panels.omitted,
+                   shown=len(full.panels.titles))
 
 
-@_kernel_section
-def ratios_section(report: Report) -> Section:
+@_kernel_section("ratios", "Speed-up and memory ratio against the baseline", _no_ratio)
+def ratios_section(report: Report) -> Markup:
     items = [(title, Markup(figures.ratio_figure(data, report.order)))
-             for title, data in report.panels.split(report.ratio) if len(data)]
-    body = _render("ratios.html.j2", items=items, against=report.against, annotate=figures.ANNOTATE_COLUMNS)
-    return Section("ratios", "Speed-up and memory ratio against the baseline", body)
+             for title, data in report.full.panels.split(report.full.ratio) if len(data)]
+    return _render("ratios.html.j2", items=items, against=report.against, annotate=figures.ANNOTATE_COLUMNS)
 
 
-@_kernel_section
-def exponents_section(report: Report) -> Section:
-    items = [(title, _records(report.in_order(table))) for title, table in report.panels.split(report.fits)]
-    body = _render("exponents.html.j2", items=items, styles=report.style_of)
-    return Section("exponents", "Scaling exponents and crossovers", body)
+@_kernel_section("exponents", "Scaling exponents and crossovers", _no_full_point)
+def exponents_section(report: Report) -> Markup:
+    full = report.full
+    items = [(title, _records(report.in_order(table))) for title, table in full.panels.split(full.fits)]
+    return _render("exponents.html.j2", items=items, styles=report.style_of)
 
 
-@_kernel_section
-def throughput_section(report: Report) -> Section:
+@_kernel_section("throughput", "Throughput", _no_full_point)
+def throughput_section(report: Report) -> Markup:
+    full = report.full
     items, sources = [], set()
-    for title, data in report.panels.split(report.agg):
+    for title, data in full.panels.split(full.agg):
         first = data.iloc[0]
         # A point aggregated over several devices matches no device's published figures.
         devices = set(data["device_name"].dropna()) if data["devices"].max() <= 1 else set()
@@ -214,32 +257,28 @@ def throughput_section(report: Report) -> Section:
     reference_note = ("Dotted lines: published figures measured on the same device model and configuration, "
                       f"from the {' and the '.join(sorted(sources))} (batch = 16384 / n, hidden 2048)."
                       if sources else "No published reference figure matches this device and these panels.")
-    peaks = analysis.best_pct_peak(report.agg, report.panels)
+    peaks = analysis.best_pct_peak(full.agg, full.panels)
     peak_note = ("% of peak uses the device's datasheet peak for the dtype." if len(peaks) else
                  "No % of peak: the device is not in the peak table (a peak is never guessed).")
-    body = _render("throughput.html.j2", items=items, reference_note=reference_note, peak_note=peak_note,
+    return _render("throughput.html.j2", items=items, reference_note=reference_note, peak_note=peak_note,
                    peaks=_records(peaks), styles=report.style_of)
-    return Section("throughput", "Throughput", body)
 
 
-@_kernel_section
-def quality_section(report: Report) -> Section:
-    body = _render("quality.html.j2", rows=_records(report.in_order(analysis.quality(report.kernel))),
+@_kernel_section("quality", "Quality")
+def quality_section(report: Report) -> Markup:
+    return _render("quality.html.j2", rows=_records(report.in_order(analysis.quality(report.kernel))),
                    styles=report.style_of)
-    return Section("quality", "Quality", body)
 
 
-def decode_section(report: Report) -> Section | None:
+@_kernel_section("decode", "Decoding: one step against a cache", _no_decode_step)
+def decode_section(report: Report) -> Markup:
     decode = report.decode
-    if decode.agg.empty:
-        return None
     table = analysis.decode_table(decode)
     items = []
     for title, data in decode.panels.split(decode.agg):
         svg = Markup(figures.decode_figure(data, report.style_of, report.order, analysis.device_bandwidth(data)))
         items.append({"title": title, "svg": svg, "rows": _records(report.in_order(table[table["panel"] == title]))})
-    body = _render("decode.html.j2", items=items, styles=report.style_of, omitted=decode.panels.omitted)
-    return Section("decode", "Decoding: one step against a cache", body)
+    return _render("decode.html.j2", items=items, styles=report.style_of, omitted=decode.panels.omitted)
 
 
 def _href(path: Path, base: Path | None) -> str:
@@ -253,8 +292,8 @@ def _href(path: Path, base: Path | None) -> str:
     return path.resolve().as_uri()
 
 
-@_kernel_section
-def profiles_section(report: Report) -> Section | None:
+@_kernel_section("profiles", "Profiles")
+def profiles_section(report: Report) -> Markup | None:
     if not report.profiles:
         return None
     rows = []
@@ -263,8 +302,7 @@ def profiles_section(report: Report) -> Section | None:
         links = [(name, _href(folder / name, report.links_from) if (folder / name).is_file() else None)
                  for name in PROFILE_FILES]
         rows.append({**r, "exists": folder.is_dir(), "links": links})
-    body = _render("profiles.html.j2", rows=rows, files=PROFILE_FILES, styles=report.style_of)
-    return Section("profiles", "Profiles", body)
+    return _render("profiles.html.j2", rows=rows, files=PROFILE_FILES, styles=report.style_of)
 
 
 def _study_item(study: training.Study, table: pd.DataFrame, sentence: str | None) -> dict:
@@ -355,9 +393,9 @@ def render(rows: pd.DataFrame, baseline: str | None = None, sections: list[Secti
     devices = analysis.distinct(rows["device_name"]) or "unknown device"
     parts = [devices, f"{len(rows):,} rows"]
     if len(report.kernel):
-        parts.append(f"{len(report.panels.titles)} panels")
+        parts.append(_count(len(report.full.panels.titles) + len(report.decode.panels.titles), "panel", "panels"))
     if len(report.train):
-        parts.append(f"{len(report.studies)} training studies")
+        parts.append(_count(len(report.studies), "training study", "training studies"))
     subtitle = " · ".join(parts)
     return ENV.get_template("page.html.j2").render(
         name=report_name(rows), subtitle=subtitle, sections=built, css=CSS, version=__version__,
