@@ -6,6 +6,7 @@ takes a fallback that keeps the feature working instead of failing with an ``Att
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -36,3 +37,12 @@ def memory_trace_plot() -> Callable[[dict[str, Any]], str] | None:
     except ImportError:
         return None
     return trace_plot
+
+
+def tf32_matmul_allowed() -> bool:
+    """Whether float32 matmuls on CUDA may run in TF32, as cuBLAS is told. ``allow_tf32`` reads the
+    effective setting also where it was set through torch 2.9's ``fp32_precision``; releases that
+    deprecate it warn on every read, which says nothing to a user here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(torch.backends.cuda.matmul.allow_tf32)

@@ -20,7 +20,8 @@ import torch
 import variants
 from variants.registry import Point
 
-from .measure import MeasureSettings, make_call, measure
+from .device import open_device
+from .measure import WORKLOADS, MeasureSettings, make_call, measure
 from .timers import Call, timed_form
 
 # Harness median / independent median allowed per device type.
@@ -129,13 +130,14 @@ def check_probe(probe: Probe, settings: MeasureSettings, independent: Independen
     reasons = entry.not_supported_reasons(probe.point)
     if reasons:
         return Verdict(probe, skipped="; ".join(reasons))
+    device = open_device(probe.point.device)
     harness, other, spreads = [], [], []
     for _ in range(PAIRS):
-        row = measure(entry, probe.point, settings)
+        row = measure(entry, probe.point, settings, device)
         if row["status"] != "ok":
             return Verdict(probe, skipped=f"{row['status']}: {row['reason']}")
-        call, _ = make_call(entry, probe.point)
-        form = timed_form(call, probe.point.device, settings.cuda_graph)
+        call, _ = make_call(entry, probe.point, device)
+        form = timed_form(call, device, settings.cuda_graph, WORKLOADS[probe.point.mode].graph_refusal)
         harness.append(row["time_ms"])
         other.append(independent(form.call, settings.target_s))
         spreads.append(row["spread"])

@@ -16,28 +16,30 @@ Definitions (also in the README):
   name and the host time to enqueue one call.
 * memory: a separate run after warm-up. CUDA: peak allocated above what was allocated before the
   call. CPU: peak of live tensor bytes created during the call, counted per storage (deterministic).
+* correctness: the output, and in the gradient modes dq, dk, dv, on a small slice against the
+  entry's float64 reference (once per slice in a worker: see :func:`check`).
+
+Everything device-specific is asked of the worker's :class:`bench.device.Device`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
+import json
+import math
 import statistics
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import variants
 from variants.registry import DECODE, Entry, Point
 
-from .env import clock_and_throttle, device_name, peak_bandwidth, peak_tflops
-from .timers import Call, cold_call_ms, percentile, repetitions, timed_form, timer_for, warm_up
+from .device import Device, is_cuda_fault, open_device, peak_tflops, peaks
+from .timers import Call, cold_call_ms, percentile, repetitions, timed_form, warm_up
 
 SEED = 0
 
@@ -59,13 +61,15 @@ class MeasureSettings:
 
 # --- inputs and calls ----------------------------------------------------------------------------
 
-def make_inputs(point: Point, grad: bool, tokens: int | None = None,
-                upstream: bool = True) -> tuple[torch.Tensor, ...]:
+def make_inputs(point: Point, grad: bool, tokens: int | None = None, upstream: bool = True,
+                where: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
     """Seeded q, k, v and (``upstream``) a gradient for the output, (batch, heads, tokens or seq_len,
-    head_dim); drawn in that order, so q, k, v are the same with or without it."""
-    gen = torch.Generator(device=point.device).manual_seed(SEED)
+    head_dim), on ``where`` (default: the point's device); drawn in that order, so q, k, v are the
+    same with or without it."""
+    where = point.device if where is None else where
+    gen = torch.Generator(device=where).manual_seed(SEED)
     shape = (point.batch, point.heads, tokens or point.seq_len, point.head_dim)
-    drawn = tuple(torch.randn(shape, generator=gen, device=point.device, dtype=point.torch_dtype)
+    drawn = tuple(torch.randn(shape, generator=gen, device=where, dtype=point.torch_dtype)
                   for _ in range(4 if upstream else 3))
     for t in drawn[:3]:
         t.requires_grad_(grad)
@@ -105,46 +109,58 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class Outputs:
-    """What the correctness gate compares: the impl's output, its float64 reference's, exact softmax's."""
+    """What the correctness gate compares: the impl's output, its float64 reference's, exact
+    softmax's; in the gradient modes also the impl's dq, dk, dv and the reference's."""
 
     out: torch.Tensor
     reference: torch.Tensor
     softmax: torch.Tensor
+    grads: tuple[torch.Tensor, ...] = ()
+    reference_grads: tuple[torch.Tensor, ...] = ()
 
 
 ModeCall = Callable[[Callable[[], torch.Tensor], tuple, torch.Tensor], Call]  # _fwd, _fwd_bwd, _bwd
 
 
-def _kernel_call(mode_call: ModeCall, entry: Entry, point: Point) -> tuple[Call, int]:
-    q, k, v, grad_out = make_inputs(point, grad=point.needs_grad)
+def _kernel_call(mode_call: ModeCall, entry: Entry, point: Point, where: torch.device) -> tuple[Call, int]:
+    q, k, v, grad_out = make_inputs(point, grad=point.needs_grad, where=where)
     params = dict(point.params)
     call = mode_call(lambda: entry.forward(q, k, v, causal=point.causal, **params), (q, k, v), grad_out)
     return call, sum(t.numel() * t.element_size() for t in (q, k, v))
 
 
-def _kernel_outputs(entry: Entry, point: Point) -> Outputs:
-    q, k, v = make_inputs(point, grad=False, upstream=False)
+def _kernel_outputs(entry: Entry, point: Point, where: torch.device) -> Outputs:
+    grad = point.needs_grad
+    q, k, v, upstream = make_inputs(point, grad=grad, where=where)
+    inputs64 = tuple(t.detach().double().requires_grad_(grad) for t in (q, k, v))
     params = dict(point.params)
-    q64, k64, v64 = (t.double() for t in (q, k, v))
-    return Outputs(entry.forward(q, k, v, causal=point.causal, **params),
-                   entry.reference(q64, k64, v64, causal=point.causal, **params),
-                   variants.exact_attention(q64, k64, v64, point.causal))
+    with torch.set_grad_enabled(grad):
+        out = entry.forward(q, k, v, causal=point.causal, **params)
+        reference = entry.reference(*inputs64, causal=point.causal, **params)
+    with torch.no_grad():
+        softmax = variants.exact_attention(*inputs64, point.causal)
+    if not grad:
+        return Outputs(out, reference, softmax)
+    grads = torch.autograd.grad(out, (q, k, v), upstream)
+    reference_grads = torch.autograd.grad(reference, inputs64, upstream.double())
+    return Outputs(out.detach(), reference.detach(), softmax, grads, reference_grads)
 
 
-def _decode_inputs(entry: Entry, point: Point) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+def _decode_inputs(entry: Entry, point: Point,
+                   where: torch.device) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """The cache of the n-token prefix (built here, never timed), the q_len new tokens' q, k, v, and
     all n + q_len tokens' q, k, v."""
     n = point.seq_len
-    tokens = make_inputs(point, grad=False, tokens=n + point.q_len, upstream=False)
+    tokens = make_inputs(point, grad=False, tokens=n + point.q_len, upstream=False, where=where)
     _, k, v = tokens
     cache = entry.decoder.prefill(k[:, :, :n], v[:, :, :n], q_len=point.q_len, **dict(point.params))
     new = tuple(t[:, :, n:].contiguous() for t in tokens)
     return cache, new, tokens
 
 
-def _decode_call(entry: Entry, point: Point) -> tuple[Call, int]:
+def _decode_call(entry: Entry, point: Point, where: torch.device) -> tuple[Call, int]:
     with torch.no_grad():
-        cache, new, _ = _decode_inputs(entry, point)
+        cache, new, _ = _decode_inputs(entry, point, where)
     params = dict(point.params)
 
     def run():
@@ -154,20 +170,23 @@ def _decode_call(entry: Entry, point: Point) -> tuple[Call, int]:
     return Call(run, existing=(*new, *_tensors(cache))), sum(t.numel() * t.element_size() for t in new)
 
 
-def _decode_outputs(entry: Entry, point: Point) -> Outputs:
-    cache, new, tokens = _decode_inputs(entry, point)
+def _decode_outputs(entry: Entry, point: Point, where: torch.device) -> Outputs:
+    with torch.no_grad():
+        cache, new, tokens = _decode_inputs(entry, point, where)
     q64, k64, v64 = (t.double() for t in tokens)
     last = slice(-point.q_len, None)
-    return Outputs(entry.decoder.step(*new, cache, **dict(point.params)),
-                   entry.reference(q64, k64, v64, causal=True, **dict(point.params))[:, :, last],
-                   variants.exact_attention(q64, k64, v64, True)[:, :, last])
+    with torch.no_grad():
+        return Outputs(entry.decoder.step(*new, cache, **dict(point.params)),
+                       entry.reference(q64, k64, v64, causal=True, **dict(point.params))[:, :, last],
+                       variants.exact_attention(q64, k64, v64, True)[:, :, last])
 
 
-def _decode_columns(entry: Entry, point: Point, median_ms: float) -> dict[str, Any]:
+def _decode_columns(entry: Entry, point: Point, median_ms: float, device: Device) -> dict[str, Any]:
     """A decode row's memory-traffic columns (analytic bytes, from the entry's decoder)."""
     moved = entry.decoder.bytes_moved(point)
     gbps = moved / (median_ms * 1e-3) / 1e9
-    peak = peak_bandwidth(device_name(point.device))
+    found = peaks(device)
+    peak = found.bandwidth_tbps if found else None
     return {"cache_bytes": entry.decoder.cache_bytes(point), "bytes_moved": moved,
             "gbps": gbps, "pct_bandwidth": 100 * gbps / (peak * 1e3) if peak else None,
             "tokens_per_s": point.batch * point.q_len / (median_ms * 1e-3)}
@@ -176,101 +195,99 @@ def _decode_columns(entry: Entry, point: Point, median_ms: float) -> dict[str, A
 @dataclass(frozen=True)
 class Workload:
     """What a mode runs: its timed call (and the inputs' bytes), the outputs its correctness gate
-    compares, its FLOPs and its own columns."""
+    compares, its FLOPs, its own columns, and why its call cannot be captured as a CUDA graph (None
+    when it can)."""
 
-    call: Callable[[Entry, Point], tuple[Call, int]]
-    outputs: Callable[[Entry, Point], Outputs]
+    call: Callable[[Entry, Point, torch.device], tuple[Call, int]]
+    outputs: Callable[[Entry, Point, torch.device], Outputs]
     flops: Callable[[Entry, Point], float]
     kernel: Callable[[Entry, Point], str | None]  # what runs, for the row
-    columns: Callable[[Entry, Point, float], dict[str, Any]] = lambda entry, point, median_ms: {}
+    columns: Callable[[Entry, Point, float, Device], dict[str, Any]] = \
+        lambda entry, point, median_ms, device: {}
+    graph_refusal: str | None = None
 
 
-def _kernel_workload(mode_call: ModeCall, factor: float) -> Workload:
+def _kernel_workload(mode_call: ModeCall, factor: float, graph_refusal: str | None = None) -> Workload:
     return Workload(functools.partial(_kernel_call, mode_call), _kernel_outputs,
                     lambda entry, point: entry.flops(point) * factor,
-                    lambda entry, point: entry.kernel_name(point) if entry.kernel_name else None)
+                    lambda entry, point: entry.kernel_name(point) if entry.kernel_name else None,
+                    graph_refusal=graph_refusal)
 
 
 # The one table of modes. FLOPs relative to the forward: FlashAttention's convention, backward = 2.5×.
 WORKLOADS: dict[str, Workload] = {
-    "fwd": _kernel_workload(_fwd, 1.0), "bwd": _kernel_workload(_bwd, 2.5),
+    "fwd": _kernel_workload(_fwd, 1.0),
+    # The autograd graph is built before the capture, so its backward would run on the engine's own
+    # streams, outside the capture (pytorch/pytorch#164302): capture fails, or records nothing.
+    "bwd": _kernel_workload(_bwd, 2.5, graph_refusal="the backward of a graph built before the capture "
+                                                     "runs outside it (pytorch#164302)"),
     "fwd_bwd": _kernel_workload(_fwd_bwd, 3.5),
     DECODE: Workload(_decode_call, _decode_outputs, lambda entry, point: entry.decoder.flops(point),
                      lambda entry, point: entry.decoder.kernel, _decode_columns),
 }
 
 
-def make_call(entry: Entry, point: Point) -> tuple[Call, int]:
-    """The mode's callable on fresh inputs, and the inputs' bytes."""
-    return WORKLOADS[point.mode].call(entry, point)
+def make_call(entry: Entry, point: Point, device: Device | None = None) -> tuple[Call, int]:
+    """The mode's callable on fresh inputs (on ``device``, default the point's), and the inputs' bytes."""
+    device = device or open_device(point.device)
+    return WORKLOADS[point.mode].call(entry, point, device.tensors)
 
 
 # --- correctness ---------------------------------------------------------------------------------
 
-def check(entry: Entry, point: Point, check_len: int) -> tuple[float, float, str | None]:
+@dataclass(frozen=True)
+class Gate:
+    """The correctness gate's verdict: errors against the float64 reference (output; worst of dq, dk,
+    dv in the gradient modes, else None) and against exact softmax, and why it failed (None: passed)."""
+
+    err_ref: float
+    err_softmax: float
+    err_grad: float | None
+    failure: str | None
+
+
+# Verdicts of this worker's gates by slice: the slice is the same for every point of a group at
+# least check_len long, so its gradients are computed once per group (cleared by release_caches).
+_GATES: dict[str, Gate] = {}
+
+
+def check(entry: Entry, point: Point, check_len: int, device: Device | None = None) -> Gate:
     """The point's output on a slice (1 batch, 1 head, the first ``check_len`` tokens, or that many
-    before the new ones when decoding) against the entry's float64 reference and exact softmax
-    attention. Returns (err_ref, err_softmax, failure)."""
+    before the new ones when decoding), and in ``bwd`` and ``fwd_bwd`` its q, k, v gradients too,
+    against the entry's float64 reference, at the entry's tolerance for the dtype."""
+    device = device or open_device(point.device)
     small = replace(point, batch=1, heads=1, seq_len=min(point.seq_len, check_len))
-    with torch.no_grad():
-        outputs = WORKLOADS[point.mode].outputs(entry, small)
+    key = json.dumps([entry.name, dataclasses.asdict(small)], sort_keys=True, default=str)
+    if key not in _GATES:
+        _GATES[key] = _gate(entry, small, device)
+    return _GATES[key]
+
+
+def _gate(entry: Entry, small: Point, device: Device) -> Gate:
+    outputs = WORKLOADS[small.mode].outputs(entry, small, device.tensors)
     err_ref = variants.relative_error(outputs.out, outputs.reference)
     err_softmax = variants.relative_error(outputs.out, outputs.softmax)
-    tolerance = entry.tolerance[point.dtype]
+    tolerance = entry.tolerance[small.dtype]
+    grad_errors = dict(zip(("dq", "dk", "dv"), variants.gradient_errors(outputs.grads, outputs.reference_grads,
+                                                                         tolerance), strict=False))
+    # The worst gradient; a NaN is the worst of all (max would let it hide behind a number).
+    worst = max(grad_errors, key=lambda name: (math.isnan(grad_errors[name]), grad_errors[name]), default=None)
+    err_grad = grad_errors[worst] if worst else None
+    failure = None
     if not err_ref <= tolerance:  # also catches NaN
-        return err_ref, err_softmax, (f"output differs from the float64 reference: relative error "
-                                      f"{err_ref:.3g} > tolerance {tolerance:g} for {point.dtype}")
-    return err_ref, err_softmax, None
+        failure = (f"output differs from the float64 reference: relative error {err_ref:.3g} > "
+                   f"tolerance {tolerance:g} for {small.dtype}")
+    elif err_grad is not None and not err_grad <= tolerance:
+        failure = (f"gradient {worst} differs from the float64 reference's: relative error {err_grad:.3g} > "
+                   f"tolerance {tolerance:g} for {small.dtype}")
+    return Gate(err_ref, err_softmax, err_grad, failure)
 
 
-# --- memory --------------------------------------------------------------------------------------
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Counts bytes of tensor storages created inside the mode and still alive; keeps the peak.
-
-    Storages are tracked by address and released through weakref finalizers, so the figure depends
-    only on the ops run, not on the allocator: the same on every run."""
-
-    def __init__(self, existing: tuple[torch.Tensor, ...] = ()) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        # Storages that already exist are never counted, so views of them (q.transpose) are free.
-        self._tracked: set[int] = {t.untyped_storage().data_ptr() for t in existing}
-
-    def _release(self, address: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._tracked.discard(address)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            address, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or address in self._tracked:
-                continue
-            self._tracked.add(address)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._release, address, nbytes)
-        return out
-
-
-def peak_memory(call: Call, device: str) -> int:
-    call.before()
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        call.run()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with LiveTensorBytes(call.existing) as counter:
-        call.run()
-    return counter.peak
+def release_caches() -> None:
+    """Forget what a worker kept for the points of one group (gate verdicts, the entries' masks),
+    before it moves to another."""
+    _GATES.clear()
+    variants.release_caches()
 
 
 # --- one point -----------------------------------------------------------------------------------
@@ -289,42 +306,49 @@ def failure_row(exc: Exception) -> dict[str, Any]:
             "reason": " ".join(f"{type(exc).__name__}: {exc}".split())[:500]}
 
 
-def measure(entry: Entry, point: Point, settings: MeasureSettings) -> dict[str, Any]:
-    """The measured columns of one point's row: status, reason, kernel, timing, memory, work, quality."""
+def measure(entry: Entry, point: Point, settings: MeasureSettings, device: Device | None = None) -> dict[str, Any]:
+    """The measured columns of one point's row: status, reason, kernel, timing, memory, work, quality.
+    ``device`` is the worker's (default: the point's, opened once per process)."""
+    device = device or open_device(point.device)
     row: dict[str, Any] = {}
     try:
+        device.activate()
         reasons = entry.not_supported_reasons(point)
         if reasons:
             return {"status": "unsupported", "reason": "; ".join(reasons)}
         workload = WORKLOADS[point.mode]
         row["kernel"] = workload.kernel(entry, point)
-        row["err_ref"], row["err_softmax"], failure = check(entry, point, settings.check_len)
-        if failure:
-            return {**row, "status": "incorrect", "reason": failure}
-        call, row["input_bytes"] = make_call(entry, point)
+        gate = check(entry, point, settings.check_len, device)
+        row.update(err_ref=gate.err_ref, err_softmax=gate.err_softmax, err_grad=gate.err_grad)
+        if gate.failure:
+            return {**row, "status": "incorrect", "reason": gate.failure}
+        call, row["input_bytes"] = workload.call(entry, point, device.tensors)
         # The cold call first: a CUDA graph's capture would warm the call and hide its compile time.
-        row["setup_ms"] = cold_call_ms(timer_for(point.device), call)
-        form = timed_form(call, point.device, settings.cuda_graph)
+        row["setup_ms"] = cold_call_ms(device.timer(), call)
+        form = timed_form(call, device, settings.cuda_graph, workload.graph_refusal)
         row["timer"] = form.timer.name
         estimate = warm_up(form.timer, form.call, settings.warmup_s)
-        row["peak_mem_bytes"] = peak_memory(call, point.device)
+        row["peak_mem_bytes"] = device.peak_memory(call)
         samples = form.timer.batch(form.call, repetitions(estimate, settings.target_s, settings.min_reps,
                                                           settings.max_reps))
         row["host_ms"] = form.timer.host_ms(form.call)
-        row["sm_clock_mhz"], row["throttle"] = clock_and_throttle(point.device)
+        row["sm_clock_mhz"], row["throttle"] = device.clock_and_throttle()
+        row["tf32"] = device.tf32(point.dtype)
         flops = workload.flops(entry, point)
-        peak = peak_tflops(device_name(point.device), point.dtype)
+        peak = peak_tflops(device, point.dtype, row["tf32"])
     except Exception as exc:  # a point's failure is a result, not a crash of the sweep
+        if is_cuda_fault(exc):
+            device.poison(f"a CUDA fault ({' '.join(str(exc).split())[:200]}) leaves the CUDA context unusable")
         return {**row, **failure_row(exc)}
     finally:
-        if point.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        device.release()
     median, p20, p80 = statistics.median(samples), percentile(samples, 20), percentile(samples, 80)
     tflops = flops / (median * 1e-3) / 1e12
     host = row["host_ms"]
     # An ok row's reason is a note on how it was measured (a CUDA graph that could not be captured).
-    return {**row, **workload.columns(entry, point, median), "status": "ok", "reason": form.note, "time_ms": median, "time_ms_p20": p20,
-            "time_ms_p80": p80, "reps": len(samples), "spread": p80 / p20 if p20 > 0 else None,
+    return {**row, **workload.columns(entry, point, median, device), "status": "ok", "reason": form.note,
+            "time_ms": median, "time_ms_p20": p20, "time_ms_p80": p80, "reps": len(samples),
+            "spread": p80 / p20 if p20 > 0 else None,
             "noisy": bool(p20 > 0 and p80 / p20 > settings.noisy_spread),
             "launch_bound": None if host is None else bool(host >= median), "flops": flops,
             "tflops": tflops, "pct_peak": 100 * tflops / peak if peak else None}

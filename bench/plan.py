@@ -11,6 +11,7 @@ from typing import Any
 import variants
 from variants.registry import DECODE, Point
 
+from .device import Device
 from .measure import MeasureSettings
 from .spec import SweepSpec
 from .store import point_key
@@ -46,11 +47,11 @@ class Task:
         return (f"{self.name} {p.mode}{' causal' if p.causal else ''} b={p.batch} h={p.heads} "
                 f"n={p.seq_len}{new} d={p.head_dim} {p.dtype}")
 
-    def execute(self, settings: MeasureSettings) -> dict[str, Any]:
-        """Measured columns of this point (runs in the worker process)."""
+    def execute(self, settings: MeasureSettings, device: Device | None = None) -> dict[str, Any]:
+        """Measured columns of this point on ``device`` (the worker's; default: the point's)."""
         from .measure import measure
 
-        return measure(variants.get(self.variant, self.impl), self.point, settings)
+        return measure(variants.get(self.variant, self.impl), self.point, settings, device)
 
     def group(self) -> tuple:
         """Points that differ only in size: after an OOM, larger ones of the group are skipped."""

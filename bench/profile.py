@@ -60,9 +60,10 @@ import variants
 from variants.registry import DECODE, Entry, Point
 
 from .compat import cuda_memory_history, linked_correlation_id, memory_trace_plot
+from .device import CudaDevice, Device, open_device
 from .env import environment
 from .errors import BadInput
-from .measure import MeasureSettings, make_call, measure
+from .measure import WORKLOADS, MeasureSettings, make_call, measure
 from .plan import Task
 from .timers import Call, Timer, timed_form, warm_up
 
@@ -202,7 +203,7 @@ def write_activities_csv(table: ActivityTable, path: Path) -> None:
 
 # --- CUDA memory ---------------------------------------------------------------------------------
 
-def record_memory_snapshot(call: Call, device: str) -> dict[str, Any] | None:
+def record_memory_snapshot(call: Call, device: CudaDevice) -> dict[str, Any] | None:
     """The CUDA caching allocator's history over one untimed call (``torch.cuda.memory._snapshot``);
     ``None``, with a warning, where this torch lacks that private recorder: the profile goes on
     without memory files rather than fail."""
@@ -213,15 +214,15 @@ def record_memory_snapshot(call: Call, device: str) -> dict[str, Any] | None:
         return None
     record, snapshot = history
     call.before()
-    torch.cuda.synchronize(device)
+    device.synchronize()
     # Python frames only: symbolising C++ frames can take minutes on a large snapshot.
-    record(stacks="python", max_entries=MEMORY_HISTORY_ENTRIES, device=device, clear_history=True)
+    record(stacks="python", max_entries=MEMORY_HISTORY_ENTRIES, device=device.index, clear_history=True)
     try:
         call.run()
-        torch.cuda.synchronize(device)
-        return snapshot(device)
+        device.synchronize()
+        return snapshot(device.index)
     finally:
-        record(enabled=None, device=device)
+        record(enabled=None, device=device.index)
 
 
 def write_memory_files(snapshot: dict[str, Any], directory: Path) -> dict[str, str | None]:
@@ -270,7 +271,8 @@ def _profile_steps(timer: Timer, call: Call, warmup: int, steps: int, cuda: bool
 
 
 def profile_point(target: Task | tuple[Entry, Point], out_dir: Path, *, steps: int = DEFAULT_STEPS,
-                  top: int = DEFAULT_TOP, settings: MeasureSettings = PROFILE_SETTINGS) -> dict[str, Any]:
+                  top: int = DEFAULT_TOP, settings: MeasureSettings = PROFILE_SETTINGS,
+                  device: Device | None = None) -> dict[str, Any]:
     """Measure and profile one point into ``out_dir/<variant>-<impl>-<shape>/``; return the summary
     (also written there as ``summary.json``).
 
@@ -290,19 +292,21 @@ def profile_point(target: Task | tuple[Entry, Point], out_dir: Path, *, steps: i
         raise BadInput(f"{entry.name} cannot run {shape_slug(point)}: {'; '.join(reasons)}")
     if steps < 1:
         raise BadInput(f"steps: {steps!r} must be a positive integer")
-    row = measure(entry, point, settings)
+    device = device or open_device(point.device)
+    row = measure(entry, point, settings, device)
     if row["status"] != "ok":
         raise PointFailed(f"{entry.name} {shape_slug(point)}: {row['status']}: {row['reason']}")
 
     directory = point_dir(out_dir, entry, point)
     directory.mkdir(parents=True, exist_ok=True)
-    cuda = point.device.startswith("cuda")
-    call, _ = make_call(entry, point)
-    form = timed_form(call, point.device, settings.cuda_graph)  # what the median timed, profiled alike
+    cuda = device.is_cuda
+    call, _ = make_call(entry, point, device)
+    # what the median timed, profiled alike
+    form = timed_form(call, device, settings.cuda_graph, WORKLOADS[point.mode].graph_refusal)
     warm_up(form.timer, form.call, settings.warmup_s)
     files: dict[str, str | None] = {"trace": FILES["trace"], "kernels": FILES["kernels"],
                                     "summary": FILES["summary"], "memory_pickle": None, "memory_html": None}
-    if cuda and (snapshot := record_memory_snapshot(call, point.device)) is not None:
+    if cuda and (snapshot := record_memory_snapshot(call, device)) is not None:
         files.update(write_memory_files(snapshot, directory))
     warmup = min(MAX_PROFILER_WARMUP_STEPS, math.ceil(PROFILER_WARMUP_S * 1e3 / row["time_ms"]))
     events, step_ms = _profile_steps(form.timer, form.call, warmup, steps, cuda, directory / FILES["trace"])
@@ -318,7 +322,7 @@ def profile_point(target: Task | tuple[Entry, Point], out_dir: Path, *, steps: i
                                              "tflops", "pct_peak", "err_ref", "err_softmax", "kernel")},
         **_table_summary(table, steps, warmup, step_ms, row["time_ms"], top),
         "files": files,
-        "environment": environment(point.device),
+        "environment": environment(device),
     }
     (directory / FILES["summary"]).write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -359,9 +363,12 @@ class ProfileJob:
     def point(self) -> Point:
         return self.task.point
 
-    def execute(self, settings: MeasureSettings) -> dict[str, Any]:
+    def group(self) -> tuple:
+        return self.task.group()
+
+    def execute(self, settings: MeasureSettings, device: Device | None = None) -> dict[str, Any]:
         try:
-            summary = profile_point(self.task, self.out_dir, settings=settings)
+            summary = profile_point(self.task, self.out_dir, settings=settings, device=device)
             return {"status": "ok", "directory": summary["directory"]}
         except (BadInput, PointFailed) as exc:
             return {"status": "error", "reason": str(exc)}

@@ -1,9 +1,11 @@
 """Runner: points run one after another in a worker process (one per visible GPU); the parent
 writes each row as it lands.
 
-A worker runs many points in a row (process start-up must not dominate). When it dies (out of
-memory, segfault, CUDA fault) or exceeds the timeout, the point in flight is recorded and a fresh
-worker carries on with the rest.
+A worker runs many points in a row (process start-up must not dominate), on one device object
+(:mod:`bench.device`) that it opens once. When it dies (out of memory, segfault) or exceeds the
+timeout, the point in flight is recorded and a fresh worker carries on with the rest; when its
+device is poisoned (a failed CUDA graph capture, a CUDA fault) it sends its row and is replaced
+before the next point. Between groups of points it releases what it cached for the last group.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from typing import Any, Protocol
 
 from variants.registry import Point
 
+from .device import Device
 from .measure import MeasureSettings
 from .store import clean_temp_files, existing_keys, run_dir, write_rows
 
 POLL_S = 0.2
 
 
-def _worker(conn, settings: MeasureSettings, device: str, visible_gpu: str | None) -> None:
-    """Worker loop: say hello with the environment, then measure each task sent until None."""
+def _worker(conn, settings: MeasureSettings, device_name: str, visible_gpu: str | None) -> None:
+    """Worker loop: open the device, say hello with the environment, then measure each task sent
+    until None, answering each with its row and why the device is poisoned (None: it is not)."""
     if visible_gpu is not None:  # read by CUDA at its first use, which is after this line
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu
     if settings.max_mem_gb:
@@ -41,11 +45,18 @@ def _worker(conn, settings: MeasureSettings, device: str, visible_gpu: str | Non
         # The budget is on top of what the worker holds after start-up (torch's own mappings).
         limit = psutil.Process().memory_info().vms + int(settings.max_mem_gb * (1 << 30))
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    from .device import open_device
     from .env import environment
+    from .measure import release_caches
 
+    device = open_device(device_name)
     conn.send(environment(device))
+    group = None
     while (task := conn.recv()) is not None:
-        conn.send(task.execute(settings))
+        if task.group() != group:
+            release_caches()
+            group = task.group()
+        conn.send((task.execute(settings, device), device.poisoned))
 
 
 @dataclass
@@ -97,7 +108,12 @@ class Worker:
             return {"status": "timeout", "reason": f"no result within {timeout:g} s; worker killed"}
         if result is None:
             return self._death_row()
-        return result
+        row, poisoned = result
+        if poisoned:  # the row stands; the process must not measure another point
+            self.stop(kill=True)
+            row = {**row, "reason": "; ".join(filter(None, [row.get("reason"),
+                                                            f"worker replaced after this point: {poisoned}"]))}
+        return row
 
     def _death_row(self) -> dict[str, Any]:
         self.process.join(5)
@@ -148,7 +164,7 @@ class RunnableTask(Protocol):
     point: Point
 
     def fields(self) -> dict[str, Any]: ...
-    def execute(self, settings: MeasureSettings) -> dict[str, Any]: ...
+    def execute(self, settings: MeasureSettings, device: Device | None = None) -> dict[str, Any]: ...
     def group(self) -> tuple: ...
     def label(self) -> str: ...
 

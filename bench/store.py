@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from .errors import BadInput
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Columns of a point's identity: two rows with the same key measured the same thing.
 KEY_COLUMNS = ("kind", "variant", "impl", "params", "mode", "causal", "batch", "heads", "seq_len",
@@ -51,10 +51,10 @@ COLUMNS: dict[str, pa.DataType] = {
     # decoding (mode "decode"): new tokens per step against a cache of seq_len, what the cache holds,
     # the analytic bytes one step reads and writes, and that traffic per second
     "q_len": _I, "cache_bytes": _I, "bytes_moved": _I, "gbps": _F, "pct_bandwidth": _F,
-    # work
-    "flops": _F, "tflops": _F, "pct_peak": _F,
-    # quality
-    "err_ref": _F, "err_softmax": _F,
+    # work; tf32: whether float32 matmuls on CUDA were allowed TF32 (pct_peak is then against TF32's peak)
+    "flops": _F, "tflops": _F, "pct_peak": _F, "tf32": _B,
+    # quality: output against the float64 reference and exact softmax; worst of dq, dk, dv (bwd, fwd_bwd)
+    "err_ref": _F, "err_softmax": _F, "err_grad": _F,
     # training tricks (kind == "train")
     "task": _S, "steps": _I, "tokens_seen": _I, "final_loss": _F, "accuracy": _F, "bpb": _F,
     "step_time_ms": _F, "tokens_per_s": _F, "n_params": _I, "opt_state_bytes": _I, "grad_bytes": _I,

@@ -16,7 +16,6 @@ below the device time, a training loop would leave the GPU waiting on Python (la
 
 from __future__ import annotations
 
-import functools
 import math
 import statistics
 import time
@@ -26,7 +25,6 @@ from typing import Any, Protocol
 
 import torch
 
-L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MiB)
 # Untimed calls enqueued before a batch, so that the GPU already has work queued when the first
 # timed repetition is enqueued (do_bench's warm-up plays this part).
 LEAD_CALLS = 2
@@ -78,69 +76,39 @@ class CpuTimer:
         return None  # the call runs on the host: there is no separate device to wait on Python
 
 
-class Event(Protocol):
-    def record(self) -> None: ...
+class CudaOps(Protocol):
+    """The CUDA calls a :class:`CudaTimer` makes, all on one GPU (``bench.device.CudaDevice``; tests
+    substitute a recording fake)."""
 
-    def elapsed_time(self, end: Any) -> float: ...
+    def recorded_event(self) -> Any: ...
 
+    def synchronize(self) -> None: ...
 
-class CudaBackend:
-    """The CUDA calls a :class:`CudaTimer` makes (tests substitute a recording fake). One per device
-    and process (:func:`cuda_backend`): its flush buffer is allocated once, not per point."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self._flush_buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
-
-    def event(self) -> Event:
-        return torch.cuda.Event(enable_timing=True)
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)
-
-    def flush(self) -> None:
-        self._flush_buffer.zero_()
-
-    def capture(self, call: Call) -> Callable[[], Any]:
-        """``call.run`` captured as a CUDA graph; returns its replay. Warmed on a side stream first,
-        as CUDA graph capture requires."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                call.before()
-                call.run()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        call.before()
-        with torch.cuda.graph(graph):
-            call.run()
-        return graph.replay
+    def flush(self) -> None: ...
 
 
 class CudaTimer:
     """Queued CUDA events, one synchronisation per batch (see the module docstring)."""
 
-    def __init__(self, backend: CudaBackend, name: str = "cuda-events") -> None:
-        self.backend = backend
+    def __init__(self, device: CudaOps, name: str = "cuda-events") -> None:
+        self.device = device
         self.name = name
 
     def sync(self) -> None:
-        self.backend.synchronize()
+        self.device.synchronize()
 
-    def _repetition(self, call: Call) -> tuple[Event, Event]:
+    def _repetition(self, call: Call) -> tuple[Any, Any]:
         call.before()
-        self.backend.flush()
-        start, end = self.backend.event(), self.backend.event()
-        start.record()
+        self.device.flush()
+        start = self.device.recorded_event()
         call.run()
-        end.record()
+        end = self.device.recorded_event()
         return start, end
 
     def once(self, call: Call) -> float:
         """One repetition, synchronised: for a profiler step, not for a timed median."""
         start, end = self._repetition(call)
-        self.backend.synchronize()
+        self.device.synchronize()
         return start.elapsed_time(end)
 
     def batch(self, call: Call, reps: int) -> list[float]:
@@ -148,20 +116,20 @@ class CudaTimer:
             call.before()
             call.run()
         events = [self._repetition(call) for _ in range(reps)]
-        self.backend.synchronize()
+        self.device.synchronize()
         return [start.elapsed_time(end) for start, end in events]
 
     def host_ms(self, call: Call) -> float | None:
         """Median host time to enqueue one call, a few calls after a synchronisation (so the launch
         queue is not full and blocking)."""
-        self.backend.synchronize()
+        self.device.synchronize()
         samples = []
         for _ in range(HOST_SAMPLES):
             call.before()
             start = time.perf_counter()
             call.run()
             samples.append((time.perf_counter() - start) * 1e3)
-        self.backend.synchronize()
+        self.device.synchronize()
         return statistics.median(samples)
 
 
@@ -175,32 +143,34 @@ class TimedForm:
     note: str | None = None
 
 
-@functools.cache
-def cuda_backend(device: str) -> CudaBackend:
-    return CudaBackend(device)
+class GraphCapable(Protocol):
+    """What :func:`timed_form` needs of a device (``bench.device``)."""
+
+    is_cuda: bool
+
+    def timer(self, name: str | None = None) -> Timer: ...
+
+    def capture(self, call: Call) -> Callable[[], Any]: ...
 
 
-def timer_for(device: str) -> Timer:
-    return CudaTimer(cuda_backend(device)) if device.startswith("cuda") else CpuTimer()
-
-
-def timed_form(call: Call, device: str, cuda_graph: bool,
-               backend_of: Callable[[str], CudaBackend] = cuda_backend) -> TimedForm:
-    """The timer for ``device``; with ``cuda_graph``, the call's captured graph when capture works,
-    else the call itself with the reason recorded."""
-    if not device.startswith("cuda"):
-        note = "CUDA graphs need a CUDA device; timed with perf_counter" if cuda_graph else None
-        return TimedForm(call, CpuTimer(), note)
-    backend = backend_of(device)
+def timed_form(call: Call, device: GraphCapable, cuda_graph: bool, refusal: str | None = None) -> TimedForm:
+    """The device's timer on ``call``; with ``cuda_graph``, on the call's captured graph when it can
+    be captured, else on the call itself with the reason recorded: ``refusal`` (why this kind of
+    call cannot be captured correctly) or the capture's own failure."""
     if not cuda_graph:
-        return TimedForm(call, CudaTimer(backend))
+        return TimedForm(call, device.timer())
+    if not device.is_cuda:
+        return TimedForm(call, device.timer(), "CUDA graphs need a CUDA device; timed with perf_counter")
+    if refusal:
+        return TimedForm(call, device.timer(), f"not captured as a CUDA graph: {refusal}; timed with "
+                                               "queued CUDA events")
     try:
-        replay = backend.capture(call)
+        replay = device.capture(call)
     except Exception as exc:  # capture refuses many ops (host syncs, dynamic shapes): fall back, say why
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-        return TimedForm(call, CudaTimer(backend), f"CUDA graph capture failed ({why}); timed with "
-                                                   "queued CUDA events")
-    return TimedForm(Call(replay, existing=call.existing), CudaTimer(backend, "cuda-graph"))
+        return TimedForm(call, device.timer(), f"CUDA graph capture failed ({why}); timed with "
+                                               "queued CUDA events")
+    return TimedForm(Call(replay, existing=call.existing), device.timer("cuda-graph"))
 
 
 def cold_call_ms(timer: Timer, call: Call) -> float:

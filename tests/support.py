@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import variants
+
+PLUGINS = str(Path(__file__).parent / "plugins")
+
+
+def bench(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """The real console entry point, in a fresh interpreter (as a user runs it)."""
+    return subprocess.run([sys.executable, "-c", "from bench.cli import app; app(prog_name='bench')", *args],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, **kwargs)
+
+
+def faulty_env(**extra: str) -> dict:
+    """The environment that loads the test-only ``faulty/*`` entries (tests/plugins) as a plugin."""
+    return {"PYTHONPATH": os.pathsep.join([PLUGINS, os.environ.get("PYTHONPATH", "")]),
+            "ATTNBENCH_PLUGINS": "faulty_variants", **extra}
 
 
 def why_not(entry: variants.Entry, point: variants.Point) -> str | None:

@@ -5,6 +5,7 @@ measure and report."""
 from __future__ import annotations
 
 import zlib
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -223,14 +224,32 @@ def test_report_has_a_decode_section():
 
 @pytest.mark.parametrize("name, tflops, tbps", [
     ("NVIDIA H100 80GB HBM3", 989.4, 3.35), ("NVIDIA H200", 989.4, 4.8),
-    ("NVIDIA A100-SXM4-80GB", 312.0, 2.04), ("NVIDIA A100-SXM4-40GB", 312.0, 1.555),
-    ("NVIDIA H100 PCIe", None, None), ("NVIDIA H100 NVL", None, None), ("NVIDIA A100-PCIE-40GB", None, None),
-    ("NVIDIA GeForce RTX 4090", None, None), ("", None, None),
+    ("NVIDIA GH200 480GB", 989.4, 4.0), ("NVIDIA GH200 144G HBM3e", 989.4, 4.9), ("NVIDIA B200", 2250.0, 7.7),
+    ("NVIDIA A100-SXM4-80GB", 312.0, 2.039), ("NVIDIA A100-SXM4-40GB", 312.0, 1.555),
+    ("NVIDIA L40S", 362.05, 0.864), ("NVIDIA GeForce RTX 4090", 165.2, 1.008),
+    # other parts of a model, parts whose name contains a model's, and slices: no figure at all
+    ("NVIDIA H100 PCIe", None, None), ("NVIDIA H100 NVL", None, None), ("NVIDIA H100", None, None),
+    ("NVIDIA H200 NVL", None, None), ("NVIDIA GB200", None, None), ("NVIDIA A100-PCIE-40GB", None, None),
+    ("NVIDIA A100 80GB PCIe", None, None), ("NVIDIA L40", None, None), ("NVIDIA GeForce RTX 4090 D", None, None),
+    ("NVIDIA GeForce RTX 4090 Laptop GPU", None, None), ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None, None),
+    ("", None, None),
 ])
 def test_peak_tables_match_only_the_parts_they_describe(name, tflops, tbps):
-    from bench.env import peak_bandwidth, peak_tflops
+    from bench.env import device_peaks
 
-    assert peak_tflops(name, "bfloat16") == tflops and peak_bandwidth(name) == tbps
+    peaks = device_peaks(name)
+    assert (peaks.tflops["bfloat16"] if peaks else None) == tflops
+    assert (peaks.bandwidth_tbps if peaks else None) == tbps
+
+
+def test_float32_is_measured_against_tf32_peak_where_tf32_was_allowed(monkeypatch):
+    from bench.device import peak_tflops
+
+    h100 = SimpleNamespace(model="NVIDIA H100 80GB HBM3")
+    assert peak_tflops(h100, "float32", tf32=False) == 66.9
+    assert peak_tflops(h100, "float32", tf32=True) == 494.7
+    assert peak_tflops(h100, "bfloat16", tf32=None) == 989.4
+    assert peak_tflops(SimpleNamespace(model=""), "float32", tf32=True) is None
 
 
 def test_standard_decode_masks_take_the_form_each_backend_runs_fastest():

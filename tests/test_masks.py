@@ -8,12 +8,16 @@ and allowed-per-row counts / FLOPs. The rules themselves are checked against pla
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import time
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 import variants
+from bench.device import LiveTensorBytes
 from variants import Point, masks
 
 # (sparsity, params) for the pattern tests; small windows/rates so the structure matters at these n,
@@ -100,6 +104,84 @@ def test_block_mask_applies_exactly_the_dense_mask(sparsity, params, causal, n):
     assert torch.equal(expanded, dense)
 
 
+@pytest.mark.parametrize("n", [1, 128, 300, 1025])
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("sparsity, params", PATTERN_PARAMS)
+def test_block_mask_equals_flex_attentions_own(sparsity, params, causal, n):
+    """The blocks are classified as torch's create_block_mask classifies them (full, partial, none,
+    in its order), by one evaluation per diagonal and by rows of blocks alike."""
+    pattern = masks.pattern(sparsity, causal, **params)
+    theirs = create_block_mask(lambda b, h, q, kv: pattern.mask(q, kv), None, None, n, n, device="cpu")
+    for form in (pattern, dataclasses.replace(pattern, relative=False)):
+        ours = masks.block_mask.fn(form, n, "cpu")
+        assert ours.seq_lengths == (n, n) and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
+        for count, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+                               ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+            assert torch.equal(getattr(ours, count), getattr(theirs, count)), count
+            for row, used in enumerate(getattr(theirs, count)[0, 0].tolist()):
+                assert torch.equal(getattr(ours, indices)[0, 0, row, :used],
+                                   getattr(theirs, indices)[0, 0, row, :used]), (indices, row)
+
+
+@pytest.mark.parametrize("sparsity, params", [("local", {"window": 256}), ("atrous", {"rate": 8}),
+                                              ("strided", {"window": 128, "rate": 128})])
+def test_block_mask_at_n_65536_stays_within_256_mib(sparsity, params):
+    """create_block_mask's default path evaluates the n × n grid in int64: 34 GB at n 65,536."""
+    n = 65536
+    for causal in (False, True):
+        pattern = masks.pattern(sparsity, causal, **params)
+        started = time.perf_counter()
+        with LiveTensorBytes() as counter:
+            built = masks.block_mask.fn(pattern, n, "cpu")
+        elapsed = time.perf_counter() - started
+        assert counter.peak <= 256 << 20, f"{pattern.name}: {counter.peak / 2**20:.0f} MiB"
+        assert built.kv_num_blocks.shape == (1, 1, n // masks.BLOCK)
+        print(f"{pattern.name}: peak {counter.peak / 2**20:.1f} MiB, {elapsed:.2f} s")
+
+
+@pytest.mark.parametrize("sparsity, params", PATTERN_PARAMS)
+def test_patterns_declared_relative_depend_on_i_minus_j_only(sparsity, params):
+    """The fast paths rely on it: shifting a query and a key alike never changes the mask."""
+    gen = torch.Generator().manual_seed(0)
+    i, j = (torch.randint(0, 5000, (4000,), generator=gen, dtype=torch.int32) for _ in range(2))
+    shift = torch.randint(0, 5000, (4000,), generator=gen, dtype=torch.int32)
+    for causal in (False, True):
+        pattern = masks.pattern(sparsity, causal, **params)
+        assert pattern.relative
+        assert torch.equal(pattern.mask(i, j), pattern.mask(i + shift, j + shift))
+    assert masks.FULL_CAUSAL.relative
+
+
+def test_dense_mask_fills_row_chunks_exactly(monkeypatch):
+    pattern = masks.pattern("strided", True, window=3, rate=5)
+    whole = masks.dense_mask(pattern.mask, 37, 41)
+    monkeypatch.setattr(masks, "CHUNK_PAIRS", 41 * 3)  # 3 rows a chunk, the last one ragged
+    assert torch.equal(masks.dense_mask(pattern.mask, 37, 41), whole)
+
+
+def test_mask_caches_are_bounded_by_bytes_and_released(monkeypatch):
+    """Each cache keeps its newest entry however large, older ones only within its byte budget, and
+    release_caches empties them all (a worker calls it when it moves to another group)."""
+    from variants import caches
+
+    cache = masks.cached_dense_mask
+    cache.clear()
+    monkeypatch.setattr(cache, "max_bytes", 300 * 300 + 200 * 200)
+    pattern = masks.pattern("local", False, window=3)
+    first = cache(pattern, 300, "cpu")
+    assert cache(pattern, 300, "cpu") is first  # a hit
+    cache(pattern, 200, "cpu")
+    assert cache.bytes == 300 * 300 + 200 * 200
+    cache(pattern, 100, "cpu")  # over budget: the oldest goes
+    assert cache.bytes == 200 * 200 + 100 * 100 and cache(pattern, 200, "cpu") is not None
+    cache(pattern, 1000, "cpu")  # larger than the budget alone: kept, as the only entry
+    assert cache.bytes == 1000 * 1000
+    masks.block_mask(pattern, 256, "cpu")
+    assert masks.block_mask.bytes > 0
+    caches.release_caches()
+    assert cache.bytes == 0 and masks.block_mask.bytes == 0
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("window", [0, 3, 16, 150])
@@ -169,13 +251,16 @@ def test_or_and_masks_combine_elementwise():
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("sparsity, params", PATTERN_PARAMS)
-def test_allowed_per_row_counts_the_dense_mask(sparsity, params, causal, n):
+def test_allowed_per_row_counts_the_dense_mask(monkeypatch, sparsity, params, causal, n):
     pattern = masks.pattern(sparsity, causal, **params)
     expected = masks.dense_mask(pattern.mask, n, n).sum(-1)
-    for rows_per_chunk in (1024, 7):  # one chunk, and many chunks with a ragged last one
-        counts = masks.allowed_per_row(pattern, n, rows_per_chunk)
-        assert counts.dtype == torch.int64
-        assert torch.equal(counts, expected)
+    general = dataclasses.replace(pattern, relative=False)  # the same mask, counted row by row
+    for chunk_pairs in (1 << 24, 7 * n):  # one chunk, and many chunks with a ragged last one
+        monkeypatch.setattr(masks, "CHUNK_PAIRS", chunk_pairs)
+        for form in (pattern, general):
+            counts = masks.allowed_per_row.fn(form, n)  # uncached: each form and chunking computed
+            assert counts.dtype == torch.int64
+            assert torch.equal(counts, expected), form.relative
 
 
 SPARSE_ENTRIES = [pytest.param(e, id=e.name) for e in variants.entries()

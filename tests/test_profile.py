@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fake_cuda import CpuBackedCuda, FakeCuda
 from support import why_not
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 
 import variants
 from bench.cli import app
+from bench.device import open_device
 from bench.measure import MeasureSettings, make_call
 from bench.profile import (
     GLUE_ROW,
@@ -414,15 +416,34 @@ def test_memory_snapshot_is_skipped_without_the_private_recorder(monkeypatch, pr
     def never() -> None:
         raise AssertionError("the call ran though there is no snapshot to take")
 
+    cuda = FakeCuda().install(monkeypatch)
+    device = CpuBackedCuda("cuda:1")
+    cuda.calls.clear()
     with pytest.warns(RuntimeWarning, match="without a memory snapshot"):
-        assert record_memory_snapshot(Call(never, never), "cuda") is None
+        assert record_memory_snapshot(Call(never, never), device) is None
+    assert cuda.calls == []
+
+
+def test_memory_snapshot_names_the_points_device(monkeypatch):
+    """The recorder, the snapshot and the synchronisations all name the device under test (cuda:1)."""
+    cuda = FakeCuda().install(monkeypatch)
+    device = CpuBackedCuda("cuda:1")
+    recorded = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
+                        lambda enabled="all", device=None, **kwargs: recorded.append(("record", enabled, device)))
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda device=None: {"device": device, "device_traces": []})
+    ran = []
+    snapshot = record_memory_snapshot(Call(lambda: ran.append(True)), device)
+    assert snapshot["device"] == 1 and ran == [True]
+    assert [r[2] for r in recorded] == [1, 1] and recorded[-1][1] is None  # started, then stopped
+    assert cuda.touched() == {1}
 
 
 @needs_cuda
 def test_cuda_snapshot_records_the_call():
     entry = variants.get("standard/eager")
     call, _ = make_call(entry, variants.Point(seq_len=256, device="cuda", params=entry.resolve()))
-    snapshot = record_memory_snapshot(call, "cuda")
+    snapshot = record_memory_snapshot(call, open_device("cuda"))
     assert any(t["action"] == "alloc" for trace in snapshot["device_traces"] for t in trace)
 
 

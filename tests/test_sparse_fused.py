@@ -133,10 +133,10 @@ def test_impl_matches_float64_reference(sparsity, n, dtype, causal):
                                           causal=causal, **params)
         assert out.dtype == variants.DTYPES[dtype] and out.shape == q.shape
         assert variants.relative_error(out, ref) <= tol, (params, variants.relative_error(out, ref))
-        for name, got, exp in zip("qkv", got_grads, ref_grads, strict=True):
-            # Gradients w.r.t. q, k vanish when every row sees only itself: compare against a floor of 1.
-            diff = torch.linalg.vector_norm(got.double() - exp).item()
-            assert diff <= tol * max(torch.linalg.vector_norm(exp).item(), 1.0), (params, name, diff)
+        # dq and dk vanish when every row sees only itself (window 0, rate > n): gradient_errors then
+        # judges them at the scale of the gradients beside them, not against a fixed floor.
+        errors = variants.gradient_errors(got_grads, ref_grads, tol)
+        assert max(errors) <= tol, (params, dict(zip("qkv", errors, strict=True)))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash", "eager"])
@@ -226,15 +226,15 @@ def test_merge_is_exact_and_keeps_rows_neither_side_reached(part_dtype):
     ("mps", torch.float32, 64, "eager tiles (fallback: no fused kernel with log-sum-exp on mps)"),
 ])
 def test_kernel_choice(monkeypatch, device, dtype, head_dim, expected):
-    monkeypatch.setattr(merged, "cuda_flash_unready", lambda: None)  # as on an H100
+    monkeypatch.setattr(merged, "cuda_flash_unready", lambda device: None)  # as on an H100
     assert merged.select_kernel(device, dtype, head_dim).name == expected
 
 
 def test_kernel_choice_says_why_cuda_flash_cannot_run(monkeypatch):
-    monkeypatch.setattr(merged, "cuda_flash_unready", lambda: "flash attention needs compute capability 8.0 or newer")
+    monkeypatch.setattr(merged, "cuda_flash_unready", lambda device: "flash attention needs compute capability 8.0 or newer")
     assert merged.select_kernel("cuda", torch.bfloat16, 128).name == \
         "eager tiles (fallback: flash attention needs compute capability 8.0 or newer)"
-    monkeypatch.setattr(merged, "cuda_flash_unready", lambda: None)
+    monkeypatch.setattr(merged, "cuda_flash_unready", lambda device: None)
     missing = "_scaled_dot_product_flash_attention_backward"
     monkeypatch.setattr(merged, "aten_op", lambda name: None if name == missing else object())
     assert merged.select_kernel("cuda", torch.bfloat16, 128).name == \
@@ -274,7 +274,7 @@ def test_cuda_flash_plumbing_through_fakes(monkeypatch):
     q, k, v, upstream = seeded_inputs("cuda-fake", 231)
     expected, expected_grads = _run_parts(parts, (q, k, v), upstream, torch.bfloat16)
 
-    monkeypatch.setattr(merged, "cuda_flash_unready", lambda: None)
+    monkeypatch.setattr(merged, "cuda_flash_unready", lambda device: None)
     monkeypatch.setattr(merged, "aten_op", fakes.get)
     kernel = merged.select_kernel("cuda", torch.bfloat16, 16)
     assert kernel.name == "cuda flash with lse"

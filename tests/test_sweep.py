@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,27 +11,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from support import bench, faulty_env
 from typer.testing import CliRunner
 
 import variants
 from bench import measure, plan, spec
 from bench.cli import app
+from bench.device import CpuDevice
 from bench.store import SCHEMA_VERSION, read_results
 
-PLUGINS = str(Path(__file__).parent / "plugins")
 TINY = ["--variants", "standard/eager,local/blocked,linear-elu1/linear", "--seq-lens", "64,128",
         "--modes", "fwd,fwd_bwd", "--device", "cpu", "--heads", "2", "--head-dim", "16"]
-
-
-def bench(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """The real console entry point, in a fresh interpreter (as a user runs it)."""
-    return subprocess.run([sys.executable, "-c", "from bench.cli import app; app(prog_name='bench')", *args],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, **kwargs)
-
-
-def faulty_env() -> dict:
-    return {"PYTHONPATH": os.pathsep.join([PLUGINS, os.environ.get("PYTHONPATH", "")]),
-            "ATTNBENCH_PLUGINS": "faulty_variants"}
 
 
 # --- validation: exit 2, one message naming the bad value, nothing written -----------------------
@@ -201,7 +190,7 @@ def _peak(name: str, n: int, params: dict) -> int:
     point = variants.Point(batch=1, heads=2, seq_len=n, head_dim=32, params=entry.resolve(params))
     call, _ = measure.make_call(entry, point)
     call.run()  # fill caches (masks) first, as the harness does with its warm-up
-    return measure.peak_memory(call, "cpu")
+    return CpuDevice().peak_memory(call)
 
 
 def test_cpu_memory_is_deterministic_and_scales_as_expected():

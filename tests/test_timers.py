@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import variants
 from bench import doctor
 from bench.cli import app
+from bench.device import CpuDevice
 from bench.measure import MeasureSettings, measure
 from bench.timers import (
     LEAD_CALLS,
@@ -41,16 +42,24 @@ class FakeEvent:
 
 
 class FakeBackend:
-    """Shaped like bench.timers.CudaBackend; every call lands in one log."""
+    """Shaped like bench.device.CudaDevice's timing side (bench.timers.CudaOps, what timed_form asks);
+    every call lands in one log."""
+
+    is_cuda = True
 
     def __init__(self, capture_error: Exception | None = None) -> None:
         self.log: list[tuple[str, str]] = []
         self.events = 0
         self.capture_error = capture_error
 
-    def event(self) -> FakeEvent:
+    def recorded_event(self) -> FakeEvent:
         self.events += 1
-        return FakeEvent(self.log, "start" if self.events % 2 else "end")
+        event = FakeEvent(self.log, "start" if self.events % 2 else "end")
+        event.record()
+        return event
+
+    def timer(self, name: str | None = None) -> CudaTimer:
+        return CudaTimer(self, name or "cuda-events")
 
     def synchronize(self) -> None:
         self.log.append(("sync", ""))
@@ -106,18 +115,20 @@ def test_cuda_once_and_host_time_synchronise_around_their_calls():
 def test_graph_form_times_the_replay_and_falls_back_with_the_reason():
     backend = FakeBackend()
     call = logged_call(backend.log)
-    form = timed_form(call, "cuda", cuda_graph=True, backend_of=lambda device: backend)
+    form = timed_form(call, backend, cuda_graph=True)
     assert form.timer.name == "cuda-graph" and form.note is None
     backend.log.clear()
     form.timer.batch(form.call, reps=2)
     assert ("run", "") not in backend.log and backend.log.count(("replay", "")) == 2 + LEAD_CALLS
 
     failing = FakeBackend(capture_error=RuntimeError("operation not permitted when stream is capturing"))
-    form = timed_form(call, "cuda", cuda_graph=True, backend_of=lambda device: failing)
+    form = timed_form(call, failing, cuda_graph=True)
     assert form.timer.name == "cuda-events" and form.call is call
     assert "capture failed" in form.note and "not permitted when stream is capturing" in form.note
-    assert timed_form(call, "cuda", cuda_graph=False, backend_of=lambda d: backend).timer.name == "cuda-events"
-    cpu = timed_form(call, "cpu", cuda_graph=True)
+    assert timed_form(call, backend, cuda_graph=False).timer.name == "cuda-events"
+    refused = timed_form(call, backend, cuda_graph=True, refusal="it cannot")
+    assert refused.timer.name == "cuda-events" and refused.note.startswith("not captured as a CUDA graph: it cannot")
+    cpu = timed_form(call, CpuDevice(), cuda_graph=True)
     assert isinstance(cpu.timer, CpuTimer) and "need a CUDA device" in cpu.note
 
 

@@ -197,10 +197,9 @@ def test_structured_impl_equals_dense(kind, impl, n, param_list, causal):
         out, g = grads(fast, (q, k, v), upstream, causal=causal, **params)
         ref, rg = grads(dense, (q, k, v), upstream, causal=causal, **params)
         assert variants.relative_error(out, ref) < 1e-10, (params, variants.relative_error(out, ref))
-        for name, a, b in zip("qkv", g, rg, strict=True):
-            # Gradients w.r.t. q, k vanish when every row sees only itself: compare against a floor of 1.
-            diff = torch.linalg.vector_norm(a - b).item()
-            assert diff <= 1e-10 * max(torch.linalg.vector_norm(b).item(), 1.0), (params, name, diff)
+        # dq and dk vanish when every row sees only itself: judged at the scale of the gradients beside them
+        errors = variants.gradient_errors(g, rg, 1e-10)
+        assert max(errors) <= 1e-10, (params, dict(zip("qkv", errors, strict=True)))
 
 
 # --- linear attention ---------------------------------------------------------------------------------
@@ -282,9 +281,10 @@ def test_taylor_similarities_are_non_negative(scale):
     assert torch.isfinite(sim).all()
     assert float(sim.min()) >= 0.0
     assert float(sim.max()) <= 2.0 + 1e-12
-    # φ(q)·φ(k) = 1 + q̂·k̂
+    # φ(q)·φ(k) = 1 + q̂·k̂, a sum of terms of magnitude up to 1 that may cancel to 0: the error is
+    # bounded relative to the terms, not to the sum
     cos = torch.nn.functional.cosine_similarity(q[..., :, None, :], k[..., None, :, :], dim=-1)
-    assert torch.allclose(sim, 1 + cos, atol=1e-12, rtol=0)
+    assert float((sim - (1 + cos)).abs().max()) <= 1e-12 * float((1 + cos.abs()).max())
 
 
 @pytest.mark.parametrize("fmap", MAPS)

@@ -21,7 +21,8 @@ from . import linformer  # noqa: F401
 import importlib as _importlib
 import os as _os
 
-from .reference import exact_attention, relative_error
+from .caches import release_caches
+from .reference import exact_attention, gradient_errors, relative_error
 from .registry import DECODE, DTYPES, MODES, Capabilities, Entry, Point, entries, get, register, select, \
     variant_names
 
@@ -29,4 +30,4 @@ for _module in filter(None, (m.strip() for m in _os.environ.get("ATTNBENCH_PLUGI
     _importlib.import_module(_module)
 
 __all__ = ["DECODE", "DTYPES", "MODES", "Capabilities", "Entry", "Point", "entries", "exact_attention", "get",
-           "register", "relative_error", "select", "variant_names"]
+           "gradient_errors", "register", "relative_error", "release_caches", "select", "variant_names"]

@@ -20,7 +20,6 @@ queries read, output written) — the floor a memory-bound step is measured agai
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .caches import cached_by_bytes
 from .masks import Pattern, reachable_keys
 from .registry import Point
 
@@ -91,7 +91,7 @@ def _as_slice(slots: torch.Tensor) -> slice | torch.Tensor:
     return slots
 
 
-@functools.lru_cache(maxsize=256)
+@cached_by_bytes(256 << 20)
 def kv_plan(pattern: Pattern, n: int, q_len: int, device: str = "cpu") -> KVPlan:
     """The cache layout and read plan of ``pattern`` (causal) for an ``n``-token prefix and ``q_len``
     new tokens at positions ``n … n + q_len − 1``."""

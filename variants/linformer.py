@@ -7,18 +7,17 @@ benchmarked on its own. Not causal: E mixes every position, future ones included
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
+from .caches import cached_by_bytes
 from .reference import softmax_attention
 from .registry import Capabilities, Entry, Point, register
 
 SEED = 0
 
 
-@functools.lru_cache(maxsize=32)
+@cached_by_bytes(256 << 20)
 def projection(n: int, proj_len: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     """(proj_len, n) with N(0, 1/n) entries: each projected key is a random mix of all keys at the
     scale of a single key."""

@@ -3,13 +3,18 @@
 Everything else is derived from that one function, so the forms can never disagree:
 
 * :func:`dense_mask` — the ``(n, n)`` boolean mask (tests, masked-dense impls);
-* :func:`block_mask` — the FlexAttention ``BlockMask`` (cached per shape);
+* :func:`block_mask` — the FlexAttention ``BlockMask`` (cached per shape), built in bounded memory;
 * :func:`xformers_bias` — the xformers ``attn_bias`` where xformers has a class for the pattern;
 * :func:`allowed_per_row` — exact counts of allowed entries (for FLOPs);
 * :func:`reachable_keys` — the prefix positions later queries can still reach (decode caches).
 
 Factories follow attention-gym: one small function per pattern, returning a mask function whose
 ``__name__`` carries its parameters (``local_w256``, ``atrous_r4_causal``).
+
+Long sequences are the point of sparse attention, so nothing here evaluates the mask function over
+the whole n × n grid at once: the dense mask is filled in row chunks, and a pattern that depends on
+i − j only (every pattern here: :attr:`Pattern.relative`) has its block mask and its per-row counts
+read from one evaluation per block diagonal or per offset.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .caches import cached_by_bytes
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # An xformers attn_bias as data: (class name in xformers.ops.fmha.attn_bias, constructor kwargs).
@@ -37,6 +44,9 @@ class Pattern:
     # Every pattern here depends on i − j only, and on it through a period: the queries i in
     # [n, n + period) reach every key that any later query reaches (what a decode cache must keep).
     period: int = 1
+    # Whether the mask depends on i − j only (a Toeplitz mask): then every block of a block diagonal
+    # holds the same pattern, and one evaluation per diagonal classifies them all.
+    relative: bool = False
 
 
 def _named(fn: MaskFn, name: str) -> MaskFn:
@@ -108,33 +118,124 @@ def pattern(sparsity: str, causal_: bool, **params: int) -> Pattern:
     base, bias, period = PATTERNS[sparsity](causal_=causal_, **params)
     fn = and_masks(base, causal()) if causal_ else base
     name = f"{base.__name__}_causal" if causal_ else base.__name__
-    return Pattern(name=name, mask=_named(fn, name), xformers=bias, period=period)
+    return Pattern(name=name, mask=_named(fn, name), xformers=bias, period=period, relative=True)
 
 
-FULL_CAUSAL = Pattern("causal", causal())  # standard causal attention, as a pattern (decode caches)
+# standard causal attention, as a pattern (decode caches)
+FULL_CAUSAL = Pattern("causal", causal(), relative=True)
+
+
+# Index arithmetic runs in int32, as FlexAttention's kernels run mask functions, over at most this
+# many (query, key) pairs at a time: a few int32 temporaries of 16 Mi elements stay under 256 MiB.
+CHUNK_PAIRS = 1 << 24
+BLOCK = 128  # FlexAttention's default block size, for queries and keys
+
+
+def _rows_per_chunk(n_kv: int) -> int:
+    return max(1, CHUNK_PAIRS // max(n_kv, 1))
 
 
 def dense_mask(mask: MaskFn, n_q: int, n_kv: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The ``(n_q, n_kv)`` boolean mask, evaluated from the mask function."""
-    q_idx = torch.arange(n_q, device=device)[:, None]
-    kv_idx = torch.arange(n_kv, device=device)[None, :]
-    return mask(q_idx, kv_idx).expand(n_q, n_kv)
+    """The ``(n_q, n_kv)`` boolean mask, evaluated from the mask function chunk by chunk of rows."""
+    out = torch.empty(n_q, n_kv, dtype=torch.bool, device=device)
+    kv_idx = torch.arange(n_kv, device=device, dtype=torch.int32)[None, :]
+    step = _rows_per_chunk(n_kv)
+    for start in range(0, n_q, step):
+        q_idx = torch.arange(start, min(n_q, start + step), device=device, dtype=torch.int32)[:, None]
+        out[start:start + q_idx.shape[0]] = mask(q_idx, kv_idx)
+    return out
 
 
-@functools.lru_cache(maxsize=64)
+@cached_by_bytes(1 << 30)
 def cached_dense_mask(pattern_: Pattern, n: int, device: str) -> torch.Tensor:
     return dense_mask(pattern_.mask, n, n, device)
 
 
-@functools.lru_cache(maxsize=64)
+def _classify(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, partial) of ``(…, rows, keys)`` boolean blocks, reduced over their last two dims: full
+    when every pair is allowed, partial when some but not all are."""
+    full = allowed.flatten(-2).all(-1)
+    return full, allowed.flatten(-2).any(-1) & ~full
+
+
+def _block_classes_any(mask: MaskFn, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, partial) ``(blocks, blocks)`` of any mask function: rows of blocks in chunks. Pairs past
+    n are not allowed, so a block holding any is never full (FlexAttention's own rule)."""
+    nb = -(-n // BLOCK)
+    full = torch.empty(nb, nb, dtype=torch.bool)
+    partial = torch.empty_like(full)
+    kv_idx = torch.arange(n, dtype=torch.int32)[None, :]
+    step = max(1, _rows_per_chunk(n) // BLOCK)
+    for first in range(0, nb, step):
+        rows = range(first * BLOCK, min(n, (first + step) * BLOCK))
+        allowed = torch.zeros(-(-len(rows) // BLOCK) * BLOCK, nb * BLOCK, dtype=torch.bool)
+        q_idx = torch.arange(rows.start, rows.stop, dtype=torch.int32)[:, None]
+        allowed[:len(rows), :n] = mask(q_idx, kv_idx).expand(len(rows), n)
+        blocks = allowed.view(-1, BLOCK, nb, BLOCK).transpose(1, 2)
+        full[first:first + blocks.shape[0]], partial[first:first + blocks.shape[0]] = _classify(blocks)
+    return full, partial
+
+
+def _block_classes_relative(mask: MaskFn, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, partial) of a mask of i − j only: block (a, c) holds the pairs i − j = (a − c)·BLOCK + r − s,
+    so each of the 2·blocks − 1 diagonals is evaluated once on one block; the last row and column of
+    blocks, cut by n, are evaluated as they are."""
+    nb = -(-n // BLOCK)
+    base = (nb - 1) * BLOCK  # keeps every index evaluated non-negative
+    offsets = torch.arange(-(nb - 1), nb, dtype=torch.int32)
+    r = torch.arange(BLOCK, dtype=torch.int32)
+    diag_full = torch.empty(offsets.numel(), dtype=torch.bool)
+    diag_partial = torch.empty_like(diag_full)
+    step = max(1, CHUNK_PAIRS // (BLOCK * BLOCK))
+    for first in range(0, offsets.numel(), step):
+        d = offsets[first:first + step]
+        q_idx = base + d[:, None, None] * BLOCK + r[None, :, None]
+        allowed = mask(q_idx, (base + r)[None, None, :]).expand(d.numel(), BLOCK, BLOCK)
+        diag_full[first:first + d.numel()], diag_partial[first:first + d.numel()] = _classify(allowed)
+    blocks = torch.arange(nb)
+    diagonal = blocks[:, None] - blocks[None, :] + nb - 1
+    full, partial = diag_full[diagonal], diag_partial[diagonal]
+    if n % BLOCK:  # the blocks cut by n: evaluated as they are
+        full[-1], partial[-1] = _edge_classes(mask, n, rows=True)
+        full[:, -1], partial[:, -1] = _edge_classes(mask, n, rows=False)
+    return full, partial
+
+
+def _edge_classes(mask: MaskFn, n: int, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, partial) of the last row of blocks (``rows``) or the last column, cut by n: never full."""
+    nb = -(-n // BLOCK)
+    edge = torch.arange((nb - 1) * BLOCK, n, dtype=torch.int32)
+    other = torch.arange(n, dtype=torch.int32)
+    allowed = torch.zeros(BLOCK, nb * BLOCK, dtype=torch.bool)
+    # rows: the edge's queries against every key; columns: every query against the edge's keys
+    pairs = mask(edge[:, None], other[None, :]) if rows else mask(other[None, :], edge[:, None])
+    allowed[:edge.numel(), :n] = pairs.expand(edge.numel(), n)
+    return _classify(allowed.view(BLOCK, nb, BLOCK).transpose(0, 1))
+
+
+def block_classes(pattern_: Pattern, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ``BLOCK × BLOCK`` blocks of an ``n × n`` problem are full and which partial (CPU)."""
+    return (_block_classes_relative if pattern_.relative else _block_classes_any)(pattern_.mask, n)
+
+
+@cached_by_bytes(256 << 20)
 def block_mask(pattern_: Pattern, n: int, device: str) -> Any:
-    """FlexAttention block mask for an ``n × n`` problem, built once per (pattern, n, device)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """FlexAttention block mask for an ``n × n`` problem, built once per (pattern, n, device) from
+    :func:`block_classes`: never an n × n temporary (``create_block_mask`` evaluates the whole grid)."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return pattern_.mask(q_idx, kv_idx)
 
-    return create_block_mask(mask_mod, None, None, n, n, device=device)
+    def ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Per query block: how many key blocks, and their indices first (stable: ascending).
+        count = blocks.sum(-1, dtype=torch.int32)
+        indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return count[None, None].to(device), indices[None, None].to(device)
+
+    full, partial = block_classes(pattern_, n)
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(n, n))
 
 
 def expand_block_mask(bm: Any, n: int) -> torch.Tensor:
@@ -170,19 +271,27 @@ def xformers_bias(pattern_: Pattern) -> Any | None:
     return make_xformers_bias(pattern_.xformers)
 
 
-@functools.lru_cache(maxsize=256)
-def allowed_per_row(pattern_: Pattern, n: int, rows_per_chunk: int = 1024) -> torch.Tensor:
+@cached_by_bytes(256 << 20)
+def allowed_per_row(pattern_: Pattern, n: int) -> torch.Tensor:
     """Exact number of allowed keys for each query row (int64, length n), counted from the mask
-    function chunk by chunk so memory stays O(rows_per_chunk · n)."""
+    function: for a mask of i − j only, row i counts the offsets i − n + 1 … i, one prefix sum over
+    the 2n − 1 offsets; otherwise chunk by chunk of rows."""
+    if pattern_.relative:
+        base = n - 1  # offsets δ = i − j ∈ [−(n − 1), n − 1] evaluated as query base + δ, key base
+        allowed = pattern_.mask(torch.arange(2 * n - 1, dtype=torch.int32), torch.tensor(base, dtype=torch.int32))
+        prefix = torch.nn.functional.pad(allowed.to(torch.int64).cumsum(0), (1, 0))
+        rows = torch.arange(n)
+        return prefix[rows + n] - prefix[rows]
     counts = torch.empty(n, dtype=torch.int64)
-    kv_idx = torch.arange(n)[None, :]
-    for start in range(0, n, rows_per_chunk):
-        q_idx = torch.arange(start, min(n, start + rows_per_chunk))[:, None]
+    kv_idx = torch.arange(n, dtype=torch.int32)[None, :]
+    step = _rows_per_chunk(n)
+    for start in range(0, n, step):
+        q_idx = torch.arange(start, min(n, start + step), dtype=torch.int32)[:, None]
         counts[start:start + q_idx.shape[0]] = pattern_.mask(q_idx, kv_idx).expand(-1, n).sum(-1)
     return counts
 
 
-@functools.lru_cache(maxsize=64)
+@cached_by_bytes(256 << 20)
 def reachable_keys(pattern_: Pattern, n: int, rows_per_chunk: int = 64) -> torch.Tensor:
     """Positions j < n of a prefix that some query i ≥ n may attend to (int64, ascending): what a
     decode cache keeps. The queries [n, n + period) decide it (see :attr:`Pattern.period`)."""

@@ -190,11 +190,11 @@ def _cuda_flash(forward_op: Any, backward_op: Any) -> Kernel:
     return Kernel("cuda flash with lse", forward, backward)
 
 
-def cuda_flash_unready() -> str | None:
-    """Why this process cannot run the CUDA flash kernel, or None."""
+def cuda_flash_unready(device: torch.device) -> str | None:
+    """Why this process cannot run the CUDA flash kernel on ``device``, or None."""
     if not torch.backends.cuda.is_flash_attention_available():
         return "this torch is built without flash attention"
-    if torch.cuda.get_device_capability() < (8, 0):
+    if torch.cuda.get_device_capability(device) < (8, 0):
         return "flash attention needs compute capability 8.0 or newer"
     return None
 
@@ -211,7 +211,7 @@ class FusedOps:
     forward_op: str  # names in torch.ops.aten, looked up when chosen
     backward_op: str
     build: Callable[[Any, Any], Kernel]
-    unready: Callable[[], str | None] = lambda: None
+    unready: Callable[[torch.device], str | None] = lambda device: None
 
     def refusal(self, dtype: torch.dtype, head_dim: int) -> str | None:
         if dtype not in self.dtypes:
@@ -230,7 +230,7 @@ FUSED = (
              "_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash),
     FusedOps("cuda flash", "cuda", frozenset({torch.bfloat16, torch.float16}), 256, 8,
              "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
-             _cuda_flash, unready=lambda: cuda_flash_unready()),  # late-bound: tests stand in for a GPU
+             _cuda_flash, unready=lambda device: cuda_flash_unready(device)),  # late-bound: tests stand in
 )
 
 
@@ -242,19 +242,19 @@ def aten_op(name: str) -> Any | None:
 def select_kernel(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> Kernel:
     """The fused kernel for this device, dtype and head dim, else the exact eager one, named with
     the reason."""
-    device_type = torch.device(device).type
+    device = torch.device(device)
     reasons = []
     for fused in FUSED:
-        if fused.device != device_type:
+        if fused.device != device.type:
             continue
-        why = fused.refusal(dtype, head_dim) or fused.unready()
+        why = fused.refusal(dtype, head_dim) or fused.unready(device)
         ops = {name: aten_op(name) for name in (fused.forward_op, fused.backward_op)}
         if why is None and None in ops.values():
             why = "this torch has no " + " nor ".join(f"aten.{n}" for n, op in ops.items() if op is None)
         if why is None:
             return fused.build(*ops.values())
         reasons.append(why)
-    why = "; ".join(reasons) or f"no fused kernel with log-sum-exp on {device_type}"
+    why = "; ".join(reasons) or f"no fused kernel with log-sum-exp on {device.type}"
     return Kernel(f"{EAGER.name} (fallback: {why})", EAGER.forward, EAGER.backward)
 
 

@@ -7,6 +7,7 @@ materialise the full score matrix.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -37,3 +38,19 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     denom = torch.linalg.vector_norm(expected).item()
     diff = torch.linalg.vector_norm(actual - expected).item()
     return diff / denom if denom > 0 else diff
+
+
+def gradient_errors(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
+                    tolerance: float) -> list[float]:
+    """The relative error of each gradient (dq, dk, dv) against its reference. A reference gradient
+    whose norm is below ``tolerance`` times the mean norm of them all has *vanished* (dq = dk = 0 where
+    every query sees only itself): it holds no figure to be relatively precise about, and its rounding
+    errors have the scale of the gradients beside it, so its error is taken against that mean norm."""
+    norms = [torch.linalg.vector_norm(e.detach().double()).item() for e in expected]
+    scale = sum(norms) / len(norms) if norms else 0.0
+    errors = []
+    for actual, reference, norm in zip(got, expected, norms, strict=True):
+        diff = torch.linalg.vector_norm(actual.detach().double() - reference.detach().double()).item()
+        denom = norm if norm >= tolerance * scale else scale
+        errors.append(diff / denom if denom > 0 else diff)
+    return errors

@@ -363,15 +363,17 @@ def _range_text(values: pd.Series) -> str:
 
 
 def quality(kernel: pd.DataFrame) -> pd.DataFrame:
-    """Per (series, dtype): worst error against the own float64 reference and against exact softmax,
-    how many points were checked and how many failed the check."""
+    """Per (series, dtype): worst error against the own float64 reference (output, and gradients where
+    a gradient mode ran) and against exact softmax, how many points were checked and how many failed."""
     checked = kernel.dropna(subset=["err_ref", "err_softmax"], how="all")
     if checked.empty:
-        return pd.DataFrame(columns=["series", "family", "dtype", "err_ref", "err_softmax", "checked", "incorrect"])
-    table = checked.assign(failed=checked["status"].eq("incorrect")).groupby(
-        ["series", "family", "dtype"], dropna=False).agg(
-        err_ref=("err_ref", "max"), err_softmax=("err_softmax", "max"), checked=("status", "size"),
-        incorrect=("failed", "sum"))
+        return pd.DataFrame(columns=["series", "family", "dtype", "err_ref", "err_grad", "err_softmax", "checked",
+                                     "incorrect"])
+    checked = checked.assign(failed=checked["status"].eq("incorrect"),
+                             err_grad=pd.to_numeric(checked["err_grad"]))
+    table = checked.groupby(["series", "family", "dtype"], dropna=False).agg(
+        err_ref=("err_ref", "max"), err_grad=("err_grad", "max"), err_softmax=("err_softmax", "max"),
+        checked=("status", "size"), incorrect=("failed", "sum"))
     return table.reset_index()
 
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..env import name_words
+
 FA2_FIG7 = "FlashAttention-2 paper, Fig. 7"
 FA3_FIG5 = "FlashAttention-3 paper, Fig. 5"
 SIXTEEN_BIT = ("float16", "bfloat16")
 
 
-# The device a published curve was measured on -> the device models (as in device_name) it holds for.
-APPLIES_TO = {"H100": ("H100", "H200")}
+# The device a published curve was measured on -> the device models (whole words of device_name) it holds for.
+APPLIES_TO = {"H100": ("H100", "H200", "GH200")}
 MEASURED_ON = {"H100": "H100 SXM"}
 
 
@@ -42,7 +44,7 @@ class Reference:
 
     def matches(self, device_name: str, mode: str, causal: bool, head_dim: int, dtype: str) -> bool:
         models = APPLIES_TO.get(self.device, (self.device,))
-        return (any(model in device_name.upper() for model in models) and (self.mode, self.causal, self.head_dim)
+        return (not name_words(device_name).isdisjoint(models) and (self.mode, self.causal, self.head_dim)
                 == (mode, causal, head_dim) and dtype in self.dtypes)
 
 

@@ -21,7 +21,8 @@ import torch
 import variants
 from variants.registry import Point
 
-from ..measure import MeasureSettings, failure_row, peak_memory
+from ..device import Device, open_device
+from ..measure import MeasureSettings, failure_row
 from ..store import point_key
 from ..timers import Call, percentile
 from .model import ModelConfig, TinyLM, gelu_max_abs_error, token_loss_sum
@@ -75,10 +76,13 @@ class TrainTask:
     def group(self) -> tuple:
         return (self.study.name, self.variant, self.impl, self.sharing, self.gelu, self.seed)
 
-    def execute(self, settings: MeasureSettings) -> dict[str, Any]:
+    def execute(self, settings: MeasureSettings, device: Device | None = None) -> dict[str, Any]:
+        """Measured columns of this run on ``device`` (the worker's; default: the point's)."""
         try:
             reasons = variants.get(self.variant, self.impl).not_supported_reasons(self.point)
-            return {"status": "unsupported", "reason": "; ".join(reasons)} if reasons else train(self)
+            if reasons:
+                return {"status": "unsupported", "reason": "; ".join(reasons)}
+            return train(self, device or open_device(self.point.device))
         except Exception as exc:  # a point's failure is a result, not a crash of the sweep
             return failure_row(exc)
 
@@ -144,12 +148,12 @@ def accumulation_check(model: TinyLM, data: TaskData, task: TrainTask) -> float:
         return 0.0
     # Its own generator: every k of a study then trains on exactly the same batches.
     batch = data.batch(task.study.batch, torch.Generator().manual_seed(task.seed + 1))
-    return gradient_rel_error(model, *to_device(batch, task.point.device), task.accum_steps)
+    return gradient_rel_error(model, *to_device(batch, next(model.parameters()).device), task.accum_steps)
 
 
 # --- the training itself -------------------------------------------------------------------------
 
-def to_device(batch: Batch, device: str) -> Batch:
+def to_device(batch: Batch, device: torch.device) -> Batch:
     tokens, labels = batch
     return tokens.to(device), labels.to(device)
 
@@ -180,24 +184,20 @@ def optimizer_step(model: TinyLM, optimizer: torch.optim.Optimizer, batch: Batch
     optimizer.zero_grad(set_to_none=True)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def timed_ms(run: Callable[[], None], device: str) -> float:
+def timed_ms(run: Callable[[], None], device: Device) -> float:
     """Wall time of `run` in milliseconds, the device's queued work included."""
-    _sync(device)
+    device.synchronize()
     start = time.perf_counter()
     run()
-    _sync(device)
+    device.synchronize()
     return (time.perf_counter() - start) * 1e3
 
 
-def fit(model: TinyLM, data: TaskData, task: TrainTask) -> tuple[torch.optim.Optimizer, list[float], int]:
+def fit(model: TinyLM, data: TaskData, task: TrainTask,
+        device: Device) -> tuple[torch.optim.Optimizer, list[float], int]:
     """Train for the study's steps: the last optimizer (its state is measured), the times of every
     step but the last in ms, and the last step's peak memory in bytes."""
-    study, device = task.study, task.point.device
+    study = task.study
     gen = torch.Generator().manual_seed(task.seed)
     warmup_steps = max(1, round(study.warmup * study.steps))
     untie_step = round(study.untie_at * study.steps) if task.sharing == "untied" else None
@@ -210,10 +210,10 @@ def fit(model: TinyLM, data: TaskData, task: TrainTask) -> tuple[torch.optim.Opt
             optimizer = make_optimizer(model, study.lr)  # the copies start with fresh optimizer state
         for group in optimizer.param_groups:
             group["lr"] = study.lr * min(1.0, (i + 1) / warmup_steps)
-        batch = to_device(data.batch(study.batch, gen), device)  # data generation is not step time
+        batch = to_device(data.batch(study.batch, gen), device.tensors)  # data generation is not step time
         step = functools.partial(optimizer_step, model, optimizer, batch, task.accum_steps)
         if i == study.steps - 1:  # the last step, untimed, gives the memory figure
-            peak = peak_memory(Call(step), device)
+            peak = device.peak_memory(Call(step))
         else:
             times.append(timed_ms(step, device))
     return optimizer, times, peak
@@ -232,16 +232,16 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def train(task: TrainTask) -> dict[str, Any]:
+def train(task: TrainTask, device: Device) -> dict[str, Any]:
     """The measured columns of one training run: quality on held-out data, step time and memory."""
-    study, device = task.study, task.point.device
+    study = task.study
     data = study.task_data()
     torch.manual_seed(task.seed)  # the same initial weights for every trick of a seed
-    model = TinyLM(task.config(), variants.get(task.variant, task.impl)).to(device)
+    model = TinyLM(task.config(), variants.get(task.variant, task.impl)).to(device.tensors)
     grad_rel_err = accumulation_check(model, data, task)
-    optimizer, times, peak = fit(model, data, task)
+    optimizer, times, peak = fit(model, data, task, device)
     held_out = data.eval_batches(study.batch, study.eval_batches, task.seed)
-    loss, accuracy = evaluate(model, [to_device(b, device) for b in held_out])
+    loss, accuracy = evaluate(model, [to_device(b, device.tensors) for b in held_out])
     opt_state = (t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     return {
         "status": "ok", "reason": None, "kernel": f"training step, attention {task.variant}/{task.impl}",
