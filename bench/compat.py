@@ -40,9 +40,13 @@ def memory_trace_plot() -> Callable[[dict[str, Any]], str] | None:
 
 
 def tf32_matmul_allowed() -> bool:
-    """Whether float32 matmuls on CUDA may run in TF32, as cuBLAS is told. ``allow_tf32`` reads the
-    effective setting also where it was set through torch 2.9's ``fp32_precision``; releases that
-    deprecate it warn on every read, which says nothing to a user here."""
+    """Whether float32 matmuls on CUDA may run in TF32. Torch 2.9 added ``fp32_precision`` ("tf32",
+    "ieee", or "none": inherit the generic setting, then the legacy flag) beside ``allow_tf32``;
+    reading ``allow_tf32`` raises once the two APIs were mixed, so the new one is read first."""
+    for owner in (torch.backends.cuda.matmul, torch.backends):
+        precision = getattr(owner, "fp32_precision", "none")
+        if precision != "none":
+            return precision == "tf32"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # releases that deprecate the flag warn on every read
         return bool(torch.backends.cuda.matmul.allow_tf32)

@@ -5,6 +5,7 @@ fake of ``fake_cuda``; ``torch.cuda.graph`` and ``torch.cuda.stream`` are the in
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pandas as pd
 import pytest
@@ -17,6 +18,7 @@ from bench import device as devices
 from bench.measure import MeasureSettings, measure
 
 QUICK = MeasureSettings(warmup_s=0, target_s=0.005, min_reps=3, max_reps=5, check_len=64)
+STANDARD = variants.get("standard/eager")
 
 
 def point(entry: variants.Entry, device: str = "cuda:1", params: dict | None = None, **kwargs) -> variants.Point:
@@ -176,3 +178,125 @@ def test_the_worker_is_replaced_after_a_fault_and_kept_otherwise(tmp_path):
     pids.unlink()
     sweep("no-fault", "faulty/records-pid,standard/eager,faulty/records-pid-too")
     assert len(ran("records-pid")) == 1 and ran("records-pid") == ran("records-pid-too")
+
+
+# --- item 6: NVML finds the point's GPU; TF32 is recorded and used -------------------------------------
+
+class FakeNvml:
+    """The pynvml calls bench.env makes, over GPUs and MIG instances known by UUID (NVML's own order
+    differs from CUDA's, as it does whenever CUDA_VISIBLE_DEVICES reorders or CUDA orders by speed)."""
+
+    NVML_CLOCK_SM = 1
+    nvmlClocksEventReasonSwPowerCap = 4
+    nvmlClocksEventReasonHwSlowdown = 8
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus: dict[str, float], migs: dict[str, str]) -> None:
+        self.gpus, self.migs = gpus, migs  # GPU uuid -> SM clock; MIG uuid -> its GPU's uuid
+
+    def nvmlInit(self) -> None:  # noqa: N802
+        pass
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:  # noqa: N802
+        if uuid in self.gpus or uuid in self.migs:
+            return uuid
+        raise self.NVMLError(f"not found: {uuid}")
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: str) -> str:  # noqa: N802
+        return self.migs[handle]
+
+    def nvmlDeviceGetClockInfo(self, handle: str, clock: int) -> float:  # noqa: N802
+        return self.gpus[handle]  # a MIG handle has no clock of its own: KeyError, as NVML refuses
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: str) -> int:  # noqa: N802
+        return self.nvmlClocksEventReasonSwPowerCap
+
+
+@pytest.mark.parametrize("visible", ["", "3,1", "GPU-uuid-of-1,GPU-uuid-of-0", "MIG-uuid-of-1"])
+def test_nvml_reads_the_clock_of_the_points_gpu(cuda, monkeypatch, visible):
+    """CUDA device 1's clock comes from the NVML device with its UUID (a MIG instance: from its parent),
+    however CUDA_VISIBLE_DEVICES numbers the devices."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    mig = visible.startswith("MIG")
+    nvml = FakeNvml(gpus={"GPU-uuid-of-0": 1410.0, "GPU-uuid-of-1": 1980.0, "GPU-parent": 1755.0},
+                    migs={"MIG-uuid-of-1": "GPU-parent"} if mig else {})
+    if mig:
+        del nvml.gpus["GPU-uuid-of-1"]  # CUDA's UUID of a MIG instance is the instance's
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    device = CpuBackedCuda("cuda:1")
+    assert device.clock_and_throttle() == ((1755.0 if mig else 1980.0), "SwPowerCap")
+    nvml.gpus.clear()
+    nvml.migs.clear()
+    assert device.clock_and_throttle() == (None, None)  # not found: unknown, never another GPU's
+
+
+def test_fake_nvml_calls_exist_in_the_real_pynvml():
+    pynvml = pytest.importorskip("pynvml")
+    for name in ("nvmlInit", "nvmlDeviceGetHandleByUUID", "nvmlDeviceGetDeviceHandleFromMigDeviceHandle",
+                 "nvmlDeviceGetClockInfo", "nvmlDeviceGetCurrentClocksEventReasons", "NVML_CLOCK_SM", "NVMLError",
+                 "nvmlClocksEventReasonSwPowerCap", "nvmlClocksEventReasonHwSlowdown"):
+        assert hasattr(pynvml, name), name
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_float32_points_record_tf32_and_use_its_peak(cuda, monkeypatch, allowed):
+    from bench.compat import tf32_matmul_allowed
+
+    matmul = torch.backends.cuda.matmul  # a module object that monkeypatch cannot restore
+    previous, matmul.fp32_precision = matmul.fp32_precision, "tf32" if allowed else "ieee"
+    try:
+        assert tf32_matmul_allowed() is allowed
+        device = CpuBackedCuda("cuda:1")  # named as an H100 SXM: 66.9 TFLOP/s float32, 494.7 with TF32
+        row = measure(STANDARD, point(STANDARD), QUICK, device)
+        assert row["status"] == "ok" and row["tf32"] is allowed
+        assert row["pct_peak"] / row["tflops"] == pytest.approx(100 / (494.7 if allowed else 66.9))
+        bf16 = measure(STANDARD, point(STANDARD, dtype="bfloat16"), QUICK, device)
+        assert bf16["tf32"] is None and bf16["pct_peak"] / bf16["tflops"] == pytest.approx(100 / 989.4)
+    finally:
+        matmul.fp32_precision = previous
+
+
+# --- the worker loop: caches released between groups, poisoned devices reported ------------------------
+
+class Pipe:
+    """The worker's end of its pipe: tasks in, answers out."""
+
+    def __init__(self, tasks: list) -> None:
+        self.tasks, self.sent = [*tasks, None], []
+
+    def recv(self):
+        return self.tasks.pop(0)
+
+    def send(self, value) -> None:
+        self.sent.append(value)
+
+
+class Task:
+    def __init__(self, group: str, poison: str | None = None) -> None:
+        self._group, self.poison = group, poison
+
+    def group(self) -> tuple:
+        return (self._group,)
+
+    def execute(self, settings, device) -> dict:
+        if self.poison:
+            device.poison(self.poison)
+        return {"status": "ok", "group": self._group}
+
+
+def test_the_worker_releases_caches_between_groups_and_reports_poison(monkeypatch):
+    from bench import measure as measuring
+    from bench import runner
+
+    released = []
+    monkeypatch.setattr(measuring, "release_caches", lambda: released.append(len(pipe.sent)))
+    monkeypatch.setattr(devices, "open_device", lambda name: devices.CpuDevice())
+    pipe = Pipe([Task("a"), Task("a"), Task("b"), Task("b", poison="a CUDA fault")])
+    runner._worker(pipe, QUICK, "cpu", None)
+    hello, *answers = pipe.sent
+    assert "device_name" in hello
+    assert released == [1, 3]  # before the first point of each group, not between points of one
+    assert [row["group"] for row, _ in answers] == ["a", "a", "b", "b"]
+    assert [poisoned for _, poisoned in answers] == [None, None, None, "a CUDA fault"]
