@@ -59,7 +59,7 @@ def fla_kernels(triton_interpreter):
 
 
 @pytest.fixture(params=["naive", "kernel"])
-def fla_op(request) -> float:
+def fla_op_tol(request) -> float:
     """The entries over fla's naive op, then over its interpreted kernel; the float32 tolerance for each
     (the naive op is exact float32, the entries' own tolerance allows for the kernel's TF32 on a GPU)."""
     if request.param == "naive":
@@ -108,7 +108,7 @@ def test_entry_over_naive_matches_float64_reference(over_naive, name, n, which):
     assert_matches_reference(entry, q, k, v, upstream, params)
 
 
-def test_relu_row_without_similarity(fla_op):
+def test_relu_row_without_similarity(fla_op_tol):
     """relu can make every similarity of a query zero: like the other impls, the row outputs 0 and its
     gradients match the definition's (ε keeps them finite)."""
     q, k, v, upstream = inputs("fla-relu-empty-row", 96, b=1, h=1)
@@ -116,10 +116,10 @@ def test_relu_row_without_similarity(fla_op):
     q[..., 0, :] = q[..., 0, :].abs() * sign
     k[..., 0, :] = -k[..., 0, :].abs() * sign
     assert float(torch.relu(q[0, 0, 0]) @ torch.relu(k[0, 0, 0])) == 0.0
-    assert_matches_reference(variants.get("linear-relu/fla"), q, k, v, upstream, {}, tol=fla_op)
+    assert_matches_reference(variants.get("linear-relu/fla"), q, k, v, upstream, {}, tol=fla_op_tol)
 
 
-def test_epsilon_is_the_projects(fla_op):
+def test_epsilon_is_the_projects(fla_op_tol):
     """With φ(q)·φ(k) = EPS the output is v·EPS/(EPS + EPS) = v/2; fla's own ε (1e-10) would give ≈ v."""
     q, k, v = (torch.zeros(1, 1, 1, D) for _ in range(3))
     q[..., 0] = k[..., 0] = linear.EPS ** 0.5
