@@ -1,6 +1,6 @@
-"""The fla entries (variants/linear_fla.py). fla's kernels are Triton GPU kernels, so on CPU the entries run
-with fla's own naive torch op in place of its chunk kernel: layout, φ, normaliser, ε and gradients are
-tested against the float64 quadratic reference, and only the kernel itself is left to the GPU test."""
+"""The fla entries (variants/linear_fla.py), against the float64 quadratic reference: layout, φ, normaliser,
+ε and gradients over fla's own naive torch op, and over fla's real chunk kernel: compiled on a CUDA device,
+or on CPU through Triton's interpreter (set up in tests/conftest.py, with the shims fla's kernels need)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,24 @@ def over_naive(naive, monkeypatch):
     monkeypatch.setattr(linear_fla, "_fla_op", lambda: naive)
 
 
+@pytest.fixture
+def fla_kernels(triton_interpreter):
+    """The entries run fla's real chunk kernel on CPU tensors, interpreted (tests/conftest.py)."""
+    if importlib.util.find_spec("fla") is None:
+        pytest.skip("fla not installed (pip install 'attnbench[fla]')")
+
+
+@pytest.fixture(params=["naive", "kernel"])
+def fla_op_tol(request) -> float:
+    """The entries over fla's naive op, then over its interpreted kernel; the float32 tolerance for each
+    (the naive op is exact float32, the entries' own tolerance allows for the kernel's TF32 on a GPU)."""
+    if request.param == "naive":
+        request.getfixturevalue("over_naive")
+        return TOL
+    request.getfixturevalue("fla_kernels")
+    return linear_fla.TOLERANCE["float32"]
+
+
 def inputs(tag: str, n: int, b: int = B, h: int = H, d: int = D, count: int = 4) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
     return [torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) for _ in range(count)]
@@ -62,15 +80,20 @@ def grads(fn, tensors, upstream, **kwargs):
     return out, torch.autograd.grad(out, leaves, upstream.to(out.dtype))
 
 
-def assert_matches_reference(entry, q, k, v, upstream, params):
+def reference_errors(entry, q, k, v, upstream, params, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Relative errors (norm of the difference over the reference's norm) of the entry's output and q/k/v
+    gradients in ``dtype``, against the float64 reference's."""
     expected, expected_grads = grads(entry.reference, (q, k, v), upstream, causal=True, **entry.resolve(params))
-    out, got_grads = grads(entry, [t.float() for t in (q, k, v)], upstream, causal=True, **params)
-    assert out.dtype == torch.float32 and out.shape == q.shape
-    err = variants.relative_error(out, expected)
-    assert err <= TOL, f"{entry.name} forward: relative error {err:.3e}"
-    for name, got, exp in zip("qkv", got_grads, expected_grads, strict=True):
-        err = variants.relative_error(got, exp)
-        assert err <= TOL, f"{entry.name} d{name}: relative error {err:.3e}"
+    out, got_grads = grads(entry, [t.to(dtype) for t in (q, k, v)], upstream, causal=True, **params)
+    assert out.dtype == dtype and out.shape == q.shape
+    return {name: variants.relative_error(got, exp)
+            for name, got, exp in zip(("out", "dq", "dk", "dv"), (out, *got_grads), (expected, *expected_grads),
+                                      strict=True)}
+
+
+def assert_matches_reference(entry, q, k, v, upstream, params, tol: float = TOL):
+    for name, err in reference_errors(entry, q, k, v, upstream, params).items():
+        assert err <= tol, f"{entry.name} {name}: relative error {err:.3e}"
 
 
 # --- the adapter over fla's naive op against the float64 reference -------------------------------------
@@ -85,7 +108,7 @@ def test_entry_over_naive_matches_float64_reference(over_naive, name, n, which):
     assert_matches_reference(entry, q, k, v, upstream, params)
 
 
-def test_relu_row_without_similarity(over_naive):
+def test_relu_row_without_similarity(fla_op_tol):
     """relu can make every similarity of a query zero: like the other impls, the row outputs 0 and its
     gradients match the definition's (ε keeps them finite)."""
     q, k, v, upstream = inputs("fla-relu-empty-row", 96, b=1, h=1)
@@ -93,10 +116,10 @@ def test_relu_row_without_similarity(over_naive):
     q[..., 0, :] = q[..., 0, :].abs() * sign
     k[..., 0, :] = -k[..., 0, :].abs() * sign
     assert float(torch.relu(q[0, 0, 0]) @ torch.relu(k[0, 0, 0])) == 0.0
-    assert_matches_reference(variants.get("linear-relu/fla"), q, k, v, upstream, {})
+    assert_matches_reference(variants.get("linear-relu/fla"), q, k, v, upstream, {}, tol=fla_op_tol)
 
 
-def test_epsilon_is_the_projects(over_naive):
+def test_epsilon_is_the_projects(fla_op_tol):
     """With φ(q)·φ(k) = EPS the output is v·EPS/(EPS + EPS) = v/2; fla's own ε (1e-10) would give ≈ v."""
     q, k, v = (torch.zeros(1, 1, 1, D) for _ in range(3))
     q[..., 0] = k[..., 0] = linear.EPS ** 0.5
@@ -256,6 +279,25 @@ def test_bench_list_rows_carry_the_reasons():
 
 
 # --- the kernel itself --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [50, 231])
+@pytest.mark.parametrize("name", NAMES)
+def test_kernel_matches_float64_reference(fla_kernels, name, n):
+    """fla's chunk kernel, forward and backward, interpreted on CPU. float32 only: the entries refuse float16
+    (see the next test), and Triton's interpreter has no bfloat16 arithmetic (it holds bfloat16 as uint16)."""
+    entry = variants.get(name)
+    q, k, v, upstream = inputs(f"fla-kernel-{name}-{n}", n)
+    assert_matches_reference(entry, q, k, v, upstream, {}, tol=entry.tolerance["float32"])
+
+
+def test_kernel_float16_is_refused_for_cause(fla_kernels):
+    """The entries refuse float16 because fla normalises in the input dtype (probe): through the kernel,
+    relu's gradients are off by far more than the float16 tolerance. If this fails, fla has fixed it and
+    the refusal can go."""
+    entry = variants.get("linear-relu/fla")
+    errors = reference_errors(entry, *inputs("fla-kernel-float16", 50), {}, dtype=torch.float16)
+    assert not all(err <= entry.tolerance["float16"] for err in errors.values()), errors
+
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
                     reason="fla's chunk kernel is a Triton GPU kernel: needs CUDA and triton")
