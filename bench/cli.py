@@ -120,10 +120,19 @@ def sweep_command(
     variants_: Annotated[str | None, typer.Option("--variants", help="Comma list: variant or variant/impl.")] = None,
     seq_lens: Annotated[str | None, typer.Option(help="Comma list of sequence lengths.")] = None,
     batch_sizes: Annotated[str | None, typer.Option(help="Comma list of batch sizes.")] = None,
-    heads: Annotated[int | None, typer.Option(help="Number of heads.")] = None,
+    heads: Annotated[int | None, typer.Option(help="Number of (query) heads.")] = None,
+    kv_heads: Annotated[str | None, typer.Option(help="Comma list of key/value head counts (grouped-query "
+                                                 "attention; 1 = multi-query). Default: as many as heads.")] = None,
+    gqa_ratio: Annotated[str | None, typer.Option(help="Comma list of heads // kv_heads, instead of --kv-heads.")] = None,
     head_dim: Annotated[str | None, typer.Option(help="Head dim (comma list allowed).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, float16, bfloat16 or float64 (comma list).")] = None,
     modes: Annotated[str | None, typer.Option(help="Comma list of fwd, bwd, fwd_bwd, decode.")] = None,
+    layouts: Annotated[str | None, typer.Option(help="Comma list of dense, packed (documents packed into rows; "
+                                                "decoding: a ragged batch), padded (the same documents one per "
+                                                "row, padded to the longest).")] = None,
+    doc_dist: Annotated[str | None, typer.Option(help="Document lengths: equal, uniform, multinomial.")] = None,
+    docs_per_row: Annotated[int | None, typer.Option(help="Documents packed into each row.")] = None,
+    doc_seed: Annotated[int | None, typer.Option(help="Seed of the document lengths.")] = None,
     causal: Annotated[bool | None, typer.Option("--causal/--no-causal", help="Causal masking only / never.")] = None,
     q_len: Annotated[int | None, typer.Option(help="decode: new tokens per step against a cache of each "
                                               "sequence length (default 1).")] = None,
@@ -151,7 +160,10 @@ def sweep_command(
         batch_sizes=specs.parse_list(batch_sizes, "batch-sizes", int), heads=heads,
         head_dims=specs.parse_list(head_dim, "head-dim", int), dtypes=specs.parse_list(dtype, "dtype"),
         modes=specs.parse_list(modes, "modes"), causal=None if causal is None else (causal,), device=device,
-        timeout_s=timeout_s, keep_going=keep_going or None, q_len=q_len)
+        timeout_s=timeout_s, keep_going=keep_going or None, q_len=q_len,
+        kv_heads=specs.parse_list(kv_heads, "kv-heads", int), gqa_ratios=specs.parse_list(gqa_ratio, "gqa-ratio", int),
+        layouts=specs.parse_list(layouts, "layouts"),
+        documents={"distribution": doc_dist, "count": docs_per_row, "seed": doc_seed})
     if max_mem_gb is not None:
         spec = replace(spec, measure=replace(spec.measure, max_mem_gb=max_mem_gb))
     if cuda_graph:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 import variants
+from variants import layouts
 from variants.registry import DECODE, Entry, Point
 
 from .device import Device, is_cuda_fault, open_device, peak_tflops, peaks
@@ -63,16 +64,22 @@ class MeasureSettings:
 
 def make_inputs(point: Point, grad: bool, tokens: int | None = None, upstream: bool = True,
                 where: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
-    """Seeded q, k, v and (``upstream``) a gradient for the output, (batch, heads, tokens or seq_len,
-    head_dim), on ``where`` (default: the point's device); drawn in that order, so q, k, v are the
-    same with or without it."""
+    """Seeded q ``(rows, heads, width, head_dim)``, k and v with ``kv_heads`` heads, and (``upstream``) a
+    gradient for the output, on ``where`` (default: the point's device). Rows and width follow the
+    point's layout (``tokens`` per row instead, when decoding); the gradient is zero at padding,
+    whose outputs are not part of the result. Drawn in that order, so q, k, v are the same with or
+    without it."""
     where = point.device if where is None else where
     gen = torch.Generator(device=where).manual_seed(SEED)
-    shape = (point.batch, point.heads, tokens or point.seq_len, point.head_dim)
-    drawn = tuple(torch.randn(shape, generator=gen, device=where, dtype=point.torch_dtype)
-                  for _ in range(4 if upstream else 3))
+    rows, width = (point.batch, tokens) if tokens else layouts.token_shape(point)
+    heads = (point.heads, point.n_kv_heads, point.n_kv_heads, point.heads)[:4 if upstream else 3]
+    drawn = tuple(torch.randn((rows, h, width, point.head_dim), generator=gen, device=where,
+                              dtype=point.torch_dtype) for h in heads)
     for t in drawn[:3]:
         t.requires_grad_(grad)
+    layout = layouts.layout_of(point)
+    if upstream and layout is not None and layout.kind == layouts.PADDED:
+        drawn = (*drawn[:3], drawn[3] * layout.valid(where))
     return drawn
 
 
@@ -124,61 +131,94 @@ ModeCall = Callable[[Callable[[], torch.Tensor], tuple, torch.Tensor], Call]  # 
 
 def _kernel_call(mode_call: ModeCall, entry: Entry, point: Point, where: torch.device) -> tuple[Call, int]:
     q, k, v, grad_out = make_inputs(point, grad=point.needs_grad, where=where)
-    params = dict(point.params)
-    call = mode_call(lambda: entry.forward(q, k, v, causal=point.causal, **params), (q, k, v), grad_out)
+    params, layout = dict(point.params), layouts.layout_of(point)
+    call = mode_call(lambda: entry(q, k, v, causal=point.causal, layout=layout, **params), (q, k, v), grad_out)
     return call, sum(t.numel() * t.element_size() for t in (q, k, v))
 
 
+def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, **params: Any) -> torch.Tensor:
+    return variants.exact_attention(q, k, v, causal)
+
+
 def _kernel_outputs(entry: Entry, point: Point, where: torch.device) -> Outputs:
+    """Outputs (and gradients) on the real tokens only: padding is not part of any result."""
     grad = point.needs_grad
     q, k, v, upstream = make_inputs(point, grad=grad, where=where)
     inputs64 = tuple(t.detach().double().requires_grad_(grad) for t in (q, k, v))
-    params = dict(point.params)
+    params, layout = dict(point.params), layouts.layout_of(point)
+    real = layout.real if layout is not None else (lambda x: x)
     with torch.set_grad_enabled(grad):
-        out = entry.forward(q, k, v, causal=point.causal, **params)
-        reference = entry.reference(*inputs64, causal=point.causal, **params)
+        out = entry(q, k, v, causal=point.causal, layout=layout, **params)
+        reference = layouts.reference_attention(entry.reference, *inputs64, causal=point.causal, layout=layout,
+                                                **params)
     with torch.no_grad():
-        softmax = variants.exact_attention(*inputs64, point.causal)
+        softmax = layouts.reference_attention(_exact, *inputs64, causal=point.causal, layout=layout)
     if not grad:
-        return Outputs(out, reference, softmax)
+        return Outputs(real(out), real(reference), real(softmax))
     grads = torch.autograd.grad(out, (q, k, v), upstream)
     reference_grads = torch.autograd.grad(reference, inputs64, upstream.double())
-    return Outputs(out.detach(), reference.detach(), softmax, grads, reference_grads)
+    return Outputs(real(out.detach()), real(reference.detach()), real(softmax), tuple(map(real, grads)),
+                   tuple(map(real, reference_grads)))
 
 
-def _decode_inputs(entry: Entry, point: Point,
-                   where: torch.device) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """The cache of the n-token prefix (built here, never timed), the q_len new tokens' q, k, v, and
-    all n + q_len tokens' q, k, v."""
-    n = point.seq_len
-    tokens = make_inputs(point, grad=False, tokens=n + point.q_len, upstream=False, where=where)
+@dataclass(frozen=True)
+class DecodeInputs:
+    """A decode point's cache of the prefix (built here, never timed), the step's new tokens, every
+    token drawn and the serving batch's layout (None when every sequence has ``seq_len`` tokens)."""
+
+    cache: Any
+    new: tuple[torch.Tensor, ...]
+    tokens: tuple[torch.Tensor, ...]
+    layout: layouts.Layout | None
+
+
+def _decode_inputs(entry: Entry, point: Point, where: torch.device) -> DecodeInputs:
+    """Tokens for a prefix of ``width`` positions and ``q_len`` new ones per sequence: sequence i's
+    prefix is its first ``length_i`` positions (every one when dense), the new tokens the last ``q_len``."""
+    layout = layouts.layout_of(point)
+    width = point.seq_len if layout is None else layout.width
+    tokens = make_inputs(point, grad=False, tokens=width + point.q_len, upstream=False, where=where)
     _, k, v = tokens
-    cache = entry.decoder.prefill(k[:, :, :n], v[:, :, :n], q_len=point.q_len, **dict(point.params))
-    new = tuple(t[:, :, n:].contiguous() for t in tokens)
-    return cache, new, tokens
+    extra = {"layout": layout} if layout is not None else {}
+    cache = entry.decoder.prefill(k[:, :, :width], v[:, :, :width], q_len=point.q_len, **extra, **dict(point.params))
+    return DecodeInputs(cache, tuple(t[:, :, width:].contiguous() for t in tokens), tokens, layout)
 
 
 def _decode_call(entry: Entry, point: Point, where: torch.device) -> tuple[Call, int]:
     with torch.no_grad():
-        cache, new, _ = _decode_inputs(entry, point, where)
+        inputs = _decode_inputs(entry, point, where)
     params = dict(point.params)
 
     def run():
         with torch.no_grad():
-            return entry.decoder.step(*new, cache, **params)
+            return entry.decoder.step(*inputs.new, inputs.cache, **params)
 
-    return Call(run, existing=(*new, *_tensors(cache))), sum(t.numel() * t.element_size() for t in new)
+    existing = (*inputs.new, *_tensors(inputs.cache))
+    return Call(run, existing=existing), sum(t.numel() * t.element_size() for t in inputs.new)
+
+
+def _last_rows(reference: Callable[..., torch.Tensor], inputs: DecodeInputs, q_len: int,
+               params: dict[str, Any]) -> torch.Tensor:
+    """``reference`` (float64, K and V repeated to the query heads) over each sequence's prefix and the
+    new tokens, causal: the new tokens' rows."""
+    q, k, v = (t.double() for t in inputs.tokens)
+    width = q.shape[2] - q_len
+    lengths = [width] * q.shape[0] if inputs.layout is None else [row[0] for row in inputs.layout.lengths]
+    rows = []
+    for i, length in enumerate(lengths):
+        keep = torch.cat([torch.arange(length), torch.arange(width, width + q_len)]).to(q.device)
+        seq = [t[i:i + 1].index_select(2, keep) for t in (q, k, v)]
+        rows.append(layouts.reference_attention(reference, *seq, causal=True, **params)[:, :, -q_len:])
+    return torch.cat(rows)
 
 
 def _decode_outputs(entry: Entry, point: Point, where: torch.device) -> Outputs:
+    params = dict(point.params)
     with torch.no_grad():
-        cache, new, tokens = _decode_inputs(entry, point, where)
-    q64, k64, v64 = (t.double() for t in tokens)
-    last = slice(-point.q_len, None)
-    with torch.no_grad():
-        return Outputs(entry.decoder.step(*new, cache, **dict(point.params)),
-                       entry.reference(q64, k64, v64, causal=True, **dict(point.params))[:, :, last],
-                       variants.exact_attention(q64, k64, v64, True)[:, :, last])
+        inputs = _decode_inputs(entry, point, where)
+        return Outputs(entry.decoder.step(*inputs.new, inputs.cache, **params),
+                       _last_rows(entry.reference, inputs, point.q_len, params),
+                       _last_rows(_exact, inputs, point.q_len, {}))
 
 
 def _decode_columns(entry: Entry, point: Point, median_ms: float, device: Device) -> dict[str, Any]:
@@ -252,11 +292,15 @@ _GATES: dict[str, Gate] = {}
 
 
 def check(entry: Entry, point: Point, check_len: int, device: Device | None = None) -> Gate:
-    """The point's output on a slice (1 batch, 1 head, the first ``check_len`` tokens, or that many
-    before the new ones when decoding), and in ``bwd`` and ``fwd_bwd`` its q, k, v gradients too,
-    against the entry's float64 reference, at the entry's tolerance for the dtype."""
+    """The point's output on a slice (1 batch, one KV head with its query group, the first ``check_len``
+    tokens, or that many before the new ones when decoding), and in ``bwd`` and ``fwd_bwd`` its q, k,
+    v gradients too, against the entry's float64 reference, at the entry's tolerance for the dtype."""
     device = device or open_device(point.device)
-    small = replace(point, batch=1, heads=1, seq_len=min(point.seq_len, check_len))
+    # One KV head with its query group; enough tokens for the point's documents.
+    group = point.heads // point.n_kv_heads
+    length = max(check_len, point.documents.count if point.documents else 1)
+    small = replace(point, batch=1, heads=group, kv_heads=1 if point.grouped else None,
+                    seq_len=min(point.seq_len, length))
     key = json.dumps([entry.name, dataclasses.asdict(small)], sort_keys=True, default=str)
     if key not in _GATES:
         _GATES[key] = _gate(entry, small, device)

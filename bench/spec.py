@@ -7,6 +7,8 @@ TOML layout (every key optional except where a preset supplies it)::
     seq_lens = [512, 1024]
     batch_sizes = [1]        # or: tokens = 16384 (batch = tokens // seq_len, FlashAttention's convention)
     heads = 4                # or: hidden = 2048 (heads = hidden // head_dim)
+    kv_heads = [8, 1]        # key/value heads (FlashAttention's nheads_kv); or gqa_ratios = [4] (heads // kv_heads)
+    layouts = ["dense"]      # or "packed" (documents packed into rows), "padded" (one per row, padded)
     head_dims = [64]
     dtypes = ["float32"]
     modes = ["fwd", "fwd_bwd"]  # or "bwd", "decode"
@@ -14,9 +16,16 @@ TOML layout (every key optional except where a preset supplies it)::
     device = "auto"
     timeout_s = 300
 
+    [documents]              # how packed and padded rows split into documents (variants.layouts)
+    distribution = "uniform" # equal, uniform (FlashInfer's), multinomial (tritonbench's)
+    count = 8                # documents per row
+    seed = 0
+
     [decode]                 # the points of mode "decode" (a step against a cache of seq_len):
     seq_lens = [4096, 65536] # their own grid, the rest as in [sweep]
     q_len = 1                # new tokens per step
+    layouts = ["packed"]     # a serving batch: each sequence's cache length from [documents]'
+                             # distribution (packed: ragged, padded: padded to the longest)
 
     [params.local]           # parameters of a variant, overriding its defaults
     window = 64
@@ -40,6 +49,7 @@ from typing import Any
 import torch
 
 import variants
+from variants.layouts import DISTRIBUTIONS, LAYOUTS, Documents
 from variants.registry import DECODE, DTYPES, MODES, is_int_at_least
 
 from .errors import BadInput
@@ -47,7 +57,8 @@ from .measure import MeasureSettings
 
 # Sizes past these are typos, not experiments (and would overflow index arithmetic or the allocator).
 LIMITS = {"seq_lens": 1 << 22, "batch_sizes": 1 << 16, "heads": 1024, "head_dims": 1024,
-          "tokens": 1 << 26, "hidden": 1 << 16, "q_len": 1 << 12}
+          "tokens": 1 << 26, "hidden": 1 << 16, "q_len": 1 << 12, "kv_heads": 1024, "gqa_ratios": 1024,
+          "count": 1 << 16}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -60,6 +71,7 @@ class DecodeGrid:
     seq_lens: tuple[int, ...] | None = None  # cache lengths n
     batch_sizes: tuple[int, ...] | None = None
     q_len: int = 1  # new tokens per step
+    layouts: tuple[str, ...] | None = None  # ragged batches: packed (native), padded (to the longest)
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,10 @@ class SweepSpec:
     tokens: int | None = None
     heads: int | None = 4
     hidden: int | None = None
+    kv_heads: tuple[int, ...] | None = None  # None: as many as heads
+    gqa_ratios: tuple[int, ...] | None = None  # heads // kv_heads, the alternative to kv_heads
+    layouts: tuple[str, ...] = ("dense",)
+    documents: Documents = field(default_factory=Documents)
     head_dims: tuple[int, ...] = (64,)
     dtypes: tuple[str, ...] = ("float32",)
     modes: tuple[str, ...] = ("fwd",)
@@ -86,13 +102,15 @@ class SweepSpec:
         return asdict(self)
 
 
-_TABLES = ("sweep", "params", "measure", "slurm", "decode")
+_TABLES = ("sweep", "params", "measure", "slurm", "decode", "documents")
 _SWEEP_KEYS = {f.name for f in fields(SweepSpec)} - set(_TABLES)
-_LIST_KEYS = {"variants", "seq_lens", "batch_sizes", "head_dims", "dtypes", "modes", "causal"}
+_LIST_KEYS = {"variants", "seq_lens", "batch_sizes", "head_dims", "dtypes", "modes", "causal", "kv_heads",
+              "gqa_ratios", "layouts"}
 _MEASURE_KEYS = {f.name for f in fields(MeasureSettings)}
 _DECODE_KEYS = {f.name for f in fields(DecodeGrid)}
+_DOCUMENT_KEYS = {f.name for f in fields(Documents)}
 # Flags that replace a value in both grids (a length given on the command line is every length).
-_SHARED_KEYS = ("variants", "seq_lens", "batch_sizes")
+_SHARED_KEYS = ("variants", "seq_lens", "batch_sizes", "layouts")
 
 
 def _presets(folder: str):
@@ -171,6 +189,7 @@ def from_data(data: dict[str, Any], origin: str) -> SweepSpec:
             raise BadInput(f"{origin}: params.{variant} must be a table of parameter = value")
     values = _table_values(data.get("sweep", {}), "sweep", _SWEEP_KEYS, origin)
     decode = _table_values(data.get("decode", {}), "decode", _DECODE_KEYS, origin)
+    documents = _table_values(data.get("documents", {}), "documents", _DOCUMENT_KEYS, origin)
     if "tokens" in values and "batch_sizes" not in values:
         values["batch_sizes"] = ()
     if "hidden" in values and "heads" not in values:
@@ -178,18 +197,25 @@ def from_data(data: dict[str, Any], origin: str) -> SweepSpec:
     try:
         return SweepSpec(**values, params={k: dict(v) for k, v in params.items()},
                          measure=MeasureSettings(**measure), slurm=dict(data.get("slurm", {})),
-                         decode=DecodeGrid(**decode))
+                         decode=DecodeGrid(**decode), documents=Documents(**documents))
     except TypeError as exc:
         raise BadInput(f"{origin}: {exc}") from None
 
 
-def override(spec: SweepSpec, q_len: int | None = None, **flags: Any) -> SweepSpec:
-    """Flags given on the command line (not None) win over the file, in both grids."""
+def override(spec: SweepSpec, q_len: int | None = None, documents: dict[str, Any] | None = None,
+             **flags: Any) -> SweepSpec:
+    """Flags given on the command line (not None) win over the file, in both grids; ``documents``
+    replaces the fields of [documents] it gives."""
     given = {k: v for k, v in flags.items() if v is not None}
     if "batch_sizes" in given:
         given["tokens"] = None
     if "heads" in given:
         given["hidden"] = None
+    if given.keys() & {"kv_heads", "gqa_ratios"}:  # one of them on the command line replaces the file's
+        given = {"kv_heads": None, "gqa_ratios": None, **given}
+    given_documents = {k: v for k, v in (documents or {}).items() if v is not None}
+    if given_documents:
+        given["documents"] = replace(spec.documents, **given_documents)
     decode = replace(spec.decode, **{k: None for k in _SHARED_KEYS if k in given},
                      **({"q_len": q_len} if q_len is not None else {}))
     result = replace(spec, **given, decode=decode)
@@ -287,9 +313,58 @@ def validate(spec: SweepSpec) -> SweepSpec:
         for head_dim in spec.head_dims:
             if spec.hidden % head_dim:
                 raise BadInput(f"hidden={spec.hidden} is not a multiple of head_dim={head_dim}")
+    _validate_heads(spec)
+    _validate_layouts(spec)
     _validate_params(spec)
     _validate_measure(spec.measure)
     return spec
+
+
+def heads_of(spec: SweepSpec, head_dim: int) -> int:
+    return spec.hidden // head_dim if spec.hidden else spec.heads
+
+
+def kv_heads_of(spec: SweepSpec, heads: int) -> list[int | None]:
+    """The key/value head counts of a grid with ``heads`` query heads (None: as many)."""
+    if spec.kv_heads:
+        return list(spec.kv_heads)
+    if spec.gqa_ratios:
+        return [heads // ratio for ratio in spec.gqa_ratios]
+    return [None]
+
+
+def _validate_heads(spec: SweepSpec) -> None:
+    if spec.kv_heads is not None and spec.gqa_ratios is not None:
+        raise BadInput("give kv_heads or gqa_ratios, not both")
+    for name in ("kv_heads", "gqa_ratios"):
+        if getattr(spec, name) is not None:
+            _positive_ints(name, getattr(spec, name))
+    for head_dim in spec.head_dims:
+        heads = heads_of(spec, head_dim)
+        for ratio in spec.gqa_ratios or ():
+            if heads % ratio:
+                raise BadInput(f"gqa_ratios: {ratio} does not divide heads={heads}")
+        for kv_heads in kv_heads_of(spec, heads):
+            if kv_heads is not None and heads % kv_heads:
+                raise BadInput(f"kv_heads: {kv_heads} does not divide heads={heads} (each key/value head "
+                               "serves an equal group of query heads)")
+
+
+def _validate_layouts(spec: SweepSpec) -> None:
+    _choices("layouts", spec.layouts, LAYOUTS)
+    if spec.decode.layouts is not None:
+        _choices("decode.layouts", spec.decode.layouts, LAYOUTS)
+    documents = spec.documents
+    if documents.distribution not in DISTRIBUTIONS:
+        raise BadInput(f"documents.distribution: unknown value {documents.distribution!r} "
+                       f"(valid: {', '.join(DISTRIBUTIONS)})")
+    _positive_ints("count", documents.count, "documents.count")
+    if not is_int_at_least(documents.seed, 0):
+        raise BadInput(f"documents.seed: {documents.seed!r} must be an integer >= 0")
+    full = [mode for mode in spec.modes if mode != DECODE]
+    if full and any(layout != "dense" for layout in spec.layouts) and documents.count > min(spec.seq_lens):
+        raise BadInput(f"documents.count: {documents.count} documents do not fit in a row of "
+                       f"{min(spec.seq_lens)} tokens")
 
 
 def _validate_variants(selectors: Any, name: str) -> None:

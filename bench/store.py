@@ -38,6 +38,10 @@ COLUMNS: dict[str, pa.DataType] = {
     # point
     "mode": _S, "causal": _B, "batch": _I, "heads": _I, "seq_len": _I, "head_dim": _I, "dtype": _S,
     "device": _S,
+    # grouped-query heads and the layout of a batch: dense, packed (documents packed into rows),
+    # padded (the same documents one per row, padded); a packed or padded point's document
+    # distribution, documents per row, seed and every document's length (JSON list)
+    "kv_heads": _I, "layout": _S, "doc_distribution": _S, "doc_count": _I, "doc_seed": _I, "doc_lengths": _S,
     # outcome
     "status": _S, "reason": _S,
     # timing (ms) — median, 20th and 80th percentiles over `reps` repetitions
@@ -73,12 +77,21 @@ _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+# Key columns added in schema 3, in the key only where a point sets them apart from the earlier default
+# (so earlier runs keep their keys): fewer kv_heads than heads, a layout other than dense with its
+# documents.
+_LATER_KEYS = ("kv_heads", "layout", "doc_distribution", "doc_count", "doc_seed")
+
+
 def point_key(fields: Mapping[str, Any]) -> str:
-    """Stable identity of a point: a short hash of its key columns, and ``q_len`` where it is set
-    (decode points; leaving it out elsewhere keeps the keys of earlier runs)."""
+    """Stable identity of a point: a short hash of its key columns, of ``q_len`` where it is set
+    (decode points) and of those of :data:`_LATER_KEYS` it sets apart from their earlier default."""
     values = [fields.get(c) for c in KEY_COLUMNS]
     if fields.get("q_len") is not None:
         values.append(fields["q_len"])
+    defaults = {"kv_heads": fields.get("heads"), "layout": "dense"}
+    values += [[name, fields[name]] for name in _LATER_KEYS
+               if fields.get(name) is not None and fields[name] != defaults.get(name)]
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 

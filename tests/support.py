@@ -27,3 +27,19 @@ def faulty_env(**extra: str) -> dict:
 def why_not(entry: variants.Entry, point: variants.Point) -> str | None:
     """The entry's reasons for refusing ``point`` as a results row holds them (joined), None if none."""
     return "; ".join(entry.not_supported_reasons(point)) or None
+
+
+# Small parameters, so that at the tests' lengths the structure matters (several blocks, chunks, residues).
+SMALL = {"window": 16, "rate": 4, "features": 64, "proj_len": 32, "chunk": 32}
+SMALL_STRIDED = {"window": 8, "rate": 16}
+
+
+def builtin_entries() -> list[variants.Entry]:
+    """The entries variants/ itself registers: plugins named in ATTNBENCH_PLUGINS (e.g. the test-only
+    faulty ones that kill their process) are left out."""
+    return [e for e in variants.entries() if getattr(e.forward, "__module__", "").startswith("variants.")]
+
+
+def small_params(entry: variants.Entry) -> dict:
+    table = SMALL_STRIDED if entry.variant == "strided" else SMALL
+    return {k: table[k] for k in entry.params}

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 import torch
-from support import why_not
+from support import builtin_entries, small_params, why_not
 
 import variants
 from variants import Point, linear
@@ -18,21 +18,7 @@ pytestmark = pytest.mark.filterwarnings(
 
 B, H, D = 2, 2, 16
 LONG, SHORT = 232, 50  # 232 = 8·29 is a multiple of no block/chunk size used; 50 is shorter than most
-# Small parameters, so that at these lengths the structure matters (several blocks, chunks, residues).
-SMALL = {"window": 16, "rate": 4, "features": 64, "proj_len": 32, "chunk": 32}
-SMALL_STRIDED = {"window": 8, "rate": 16}
 DTYPES = ("float64", "float32")
-
-
-def builtin_entries() -> list[variants.Entry]:
-    """The entries variants/ itself registers: plugins named in ATTNBENCH_PLUGINS (e.g. the test-only
-    faulty ones that kill their process) are left out."""
-    return [e for e in variants.entries() if getattr(e.forward, "__module__", "").startswith("variants.")]
-
-
-def small_params(entry: variants.Entry) -> dict:
-    table = SMALL_STRIDED if entry.variant == "strided" else SMALL
-    return {k: table[k] for k in entry.params}
 
 
 def seeded(tag: str) -> torch.Generator:

@@ -22,6 +22,7 @@ import importlib as _importlib
 import os as _os
 
 from .caches import release_caches
+from .layouts import LAYOUTS, Documents, Layout
 from .reference import exact_attention, gradient_errors, relative_error
 from .registry import DECODE, DTYPES, MODES, Capabilities, Entry, Point, entries, get, register, select, \
     variant_names
@@ -29,5 +30,6 @@ from .registry import DECODE, DTYPES, MODES, Capabilities, Entry, Point, entries
 for _module in filter(None, (m.strip() for m in _os.environ.get("ATTNBENCH_PLUGINS", "").split(","))):
     _importlib.import_module(_module)
 
-__all__ = ["DECODE", "DTYPES", "MODES", "Capabilities", "Entry", "Point", "entries", "exact_attention", "get",
-           "gradient_errors", "register", "relative_error", "release_caches", "select", "variant_names"]
+__all__ = ["DECODE", "DTYPES", "LAYOUTS", "MODES", "Capabilities", "Documents", "Entry", "Layout", "Point", "entries",
+           "exact_attention", "get", "gradient_errors", "register", "relative_error", "release_caches", "select",
+           "variant_names"]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .caches import cached_by_bytes
+from .layouts import DENSE
 from .masks import Pattern, reachable_keys
 from .registry import Point
 
@@ -54,6 +55,7 @@ class Decoder:
     bytes_moved: Callable[[Point], int]  # read and written by one step
     flops: Callable[[Point], float]  # of one step
     kernel: str  # what a step runs, for the results row
+    layouts: frozenset[str] = frozenset({DENSE})  # ragged batches: packed (native), padded (to the longest)
 
 
 def element_bytes(point: Point) -> int:

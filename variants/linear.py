@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .decode import Decoder
+from .layouts import sum_over_sequences
 from .registry import Capabilities, Entry, Point, ceil_div, register
 
 EPS = 1e-6  # keeps rows whose similarities are all zero (possible with relu) finite: they output 0
@@ -196,11 +197,11 @@ def _work_chunked(n: int, f: int, d: int, causal: bool, params: dict) -> float:
 
 def _flops(fmap: FeatureMap, work: Callable[..., float]):
     def flops(point: Point) -> float:
-        n, d = point.seq_len, point.head_dim
+        d = point.head_dim
         map_params = _map_params(fmap, dict(point.params))
         f = fmap.width(d, **map_params)
-        per_head = work(n, f, d, point.causal, point.params) + n * fmap.flops_per_token(d, **map_params)
-        return point.batch * point.heads * per_head
+        return sum_over_sequences(point, lambda n: work(n, f, d, point.causal, point.params)
+                                  + n * fmap.flops_per_token(d, **map_params))
 
     return flops
 

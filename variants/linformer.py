@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .caches import cached_by_bytes
+from .layouts import sum_over_sequences
 from .reference import softmax_attention
 from .registry import Capabilities, Entry, Point, register
 
@@ -42,8 +43,8 @@ def reference(q, k, v, *, causal: bool, proj_len: int) -> torch.Tensor:
 
 
 def flops(point: Point) -> float:
-    n, d, p = point.seq_len, point.head_dim, point.params["proj_len"]
-    return point.batch * point.heads * (2.0 * 2 * n * p * d + 4.0 * n * p * d)  # project K, V; attend
+    d, p = point.head_dim, point.params["proj_len"]
+    return sum_over_sequences(point, lambda n: 2.0 * 2 * n * p * d + 4.0 * n * p * d)  # project K, V; attend
 
 
 register(Entry(

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .layouts import DENSE, Documents, Layout
+
 if TYPE_CHECKING:
     from .decode import Decoder
 
@@ -54,10 +56,22 @@ class Point:
     mode: str = "fwd"
     params: Mapping[str, Any] = field(default_factory=dict)
     q_len: int = 1  # decode: new tokens per step, against a prefix of seq_len tokens
+    kv_heads: int | None = None  # key/value heads (grouped-query attention); None: as many as heads
+    layout: str = DENSE  # dense, packed or padded (variants.layouts)
+    documents: Documents | None = None  # how packed and padded rows split into documents
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def grouped(self) -> bool:
+        """Fewer key/value heads than query heads (GQA, MQA)."""
+        return self.n_kv_heads != self.heads
 
     @property
     def needs_grad(self) -> bool:
@@ -91,9 +105,13 @@ class Capabilities:
     max_head_dim: int | None = None
     head_dim_multiple: int = 1
     requires: tuple[str, ...] = ()  # importable modules
-    # Why a device or a causal setting is not supported, in the entry's own words.
+    layouts: frozenset[str] = frozenset({DENSE})  # variants.layouts: dense, packed, padded
+    gqa: bool = False  # takes fewer key/value heads than query heads
+    # Why a device, a causal setting, a layout or grouped heads are not supported, in the entry's own words.
     device_reason: str = ""
     causal_reason: str = ""
+    layout_reason: str = ""
+    gqa_reason: str = "this impl takes as many key/value heads as query heads"
     probe: Callable[[Point], str | None] | None = None  # point with resolved params -> reason or None
 
     def head_dim_reasons(self, head_dim: int) -> list[str]:
@@ -116,6 +134,12 @@ class Capabilities:
         if point.causal not in self.causal:
             what = "causal" if point.causal else "non-causal"
             reasons.append(f"{what} not supported" + (f": {self.causal_reason}" if self.causal_reason else ""))
+        if point.layout not in self.layouts and point.mode != DECODE:  # decoding layouts: the decoder's
+            reasons.append(f"layout={point.layout} not supported" + (f": {self.layout_reason}" if self.layout_reason
+                                                                    else f" (supported: {sorted(self.layouts)})"))
+        if point.grouped and not self.gqa:
+            reasons.append(f"kv_heads={point.kv_heads} < heads={point.heads} (grouped-query) not supported: "
+                           f"{self.gqa_reason}")
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
             reasons.append(f"{', '.join(missing)} not installed (pip install 'attnbench[{missing[0]}]')")
@@ -132,8 +156,11 @@ AttentionFn = Callable[..., torch.Tensor]
 class Entry:
     """One (variant, impl) pair.
 
-    ``forward(q, k, v, *, causal, **params)`` and ``reference`` take ``(batch, heads, seq, head_dim)``
-    tensors; ``reference`` is the naive float64-exact definition the impl is tested against.
+    ``forward(q, k, v, *, causal, **params)`` takes q ``(batch, heads, seq, head_dim)`` and k, v with
+    ``kv_heads`` heads (grouped-query attention where the entry declares it), and ``layout=`` a
+    :class:`~variants.layouts.Layout` for packed and padded batches (only those, only where declared).
+    ``reference`` is the naive float64-exact definition of one dense sequence with as many key/value
+    as query heads, the impl is tested against (through ``variants.layouts.reference_attention``).
     ``flops(point)`` counts the forward work this impl really does (docs/measurement.md, "FLOP
     conventions"); like ``kernel_name(point)`` it expects ``point.params`` resolved (defaults filled
     in, :meth:`resolve`).
@@ -181,13 +208,18 @@ class Entry:
     def not_supported_reasons(self, point: Point) -> list[str]:
         """Why this entry cannot run ``point`` here, every reason (empty: it can)."""
         reasons = self.caps.not_supported_reasons(replace(point, params=self.resolve(point.params)))
-        if point.mode == DECODE and self.decoder is None and not reasons:
-            reasons.append(f"{self.name} has no decode path")
+        if point.mode == DECODE and not reasons:
+            if self.decoder is None:
+                reasons.append(f"{self.name} has no decode path")
+            elif point.layout not in self.decoder.layouts:
+                reasons.append(f"decoding layout={point.layout} not supported (supported: "
+                               f"{sorted(self.decoder.layouts)})")
         return reasons
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                 **params: Any) -> torch.Tensor:
-        return self.forward(q, k, v, causal=causal, **self.resolve(params))
+                 layout: Layout | None = None, **params: Any) -> torch.Tensor:
+        extra = {"layout": layout} if layout is not None else {}
+        return self.forward(q, k, v, causal=causal, **extra, **self.resolve(params))
 
 
 _REGISTRY: dict[tuple[str, str], Entry] = {}

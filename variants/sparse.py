@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from . import masks
 from .decode import Attend, Decoder, MaskOf, boolean_mask, kv_decoder
+from .layouts import sum_over_sequences
 from .merged import Part, Relation, Tiles, describe, merged_attention
 from .reference import softmax_attention
 from .registry import Capabilities, Entry, Point, register
@@ -39,10 +40,11 @@ def _pattern(sparsity: str, causal: bool, params: dict) -> masks.Pattern:
 
 
 def sparse_flops(sparsity: str):
-    """Useful work: 4·d FLOPs per allowed (query, key) pair, counted exactly from the mask."""
+    """Useful work: 4·d FLOPs per allowed (query, key) pair of each sequence (document), counted exactly
+    from the mask."""
     def flops(point: Point) -> float:
-        allowed = masks.allowed_per_row(_pattern(sparsity, point.causal, dict(point.params)), point.seq_len)
-        return 4.0 * point.batch * point.heads * point.head_dim * float(allowed.sum())
+        pattern = _pattern(sparsity, point.causal, dict(point.params))
+        return sum_over_sequences(point, lambda n: 4.0 * point.head_dim * float(masks.allowed_per_row(pattern, n).sum()))
 
     return flops
 

@@ -16,6 +16,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from .decode import Attend, Decoder, MaskOf, boolean_mask, eager_attend, kv_decoder
+from .layouts import (
+    LAYOUTS,
+    PACKED,
+    PADDED,
+    Layout,
+    SequenceAttention,
+    grouped,
+    per_document,
+    sum_over_sequences,
+    ungrouped,
+)
 from .masks import FULL_CAUSAL, BiasSpec
 from .reference import exact_attention
 from .registry import DECODE, Capabilities, Entry, Point, condense, register
@@ -23,51 +34,100 @@ from .xformers_ops import causal_bias, xformers_attention, xformers_kernel, xfor
 
 
 def dense_flops(point: Point) -> float:
-    """FlashAttention convention: forward 4·b·h·n·n_kv·d, halved when causal."""
-    flops = 4.0 * point.batch * point.heads * point.seq_len * point.seq_len * point.head_dim
-    return flops / 2 if point.causal else flops
+    """FlashAttention convention: forward 4·n²·d per sequence (document) and query head, halved when causal."""
+    per_sequence = (lambda n: 2.0 * n * n * point.head_dim) if point.causal else (lambda n: 4.0 * n * n * point.head_dim)
+    return sum_over_sequences(point, per_sequence)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
     return exact_attention(q, k, v, causal)
 
 
-def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
-    """The explicit three-step computation (the "PyTorch" line of the FlashAttention charts)."""
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    if causal:
-        n_q, n_kv = scores.shape[-2:]
-        upper = torch.ones(n_q, n_kv, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(upper, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The explicit three-step computation; each KV head's query group folded into its rows, so K and
+    V are read once per KV head and never repeated. ``mask`` (rows, 1, n_q, n_kv): True may attend."""
+    heads, n_q, n_kv = q.shape[1], q.shape[-2], k.shape[-2]
+    scores = (grouped(q, k.shape[1]) @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal or mask is not None:  # rows are (group member, query): masked per query, for every member
+        allowed = torch.ones(1, 1, n_q, n_kv, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed = allowed.tril()
+        if mask is not None:
+            allowed = allowed & mask
+        scores = scores.unflatten(-2, (heads // k.shape[1], n_q)).masked_fill(~allowed[:, :, None], float("-inf"))
+        scores = scores.flatten(-3, -2)
+    return ungrouped(torch.softmax(scores, dim=-1) @ v, heads)
+
+
+def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+          layout: Layout | None = None) -> torch.Tensor:
+    """The explicit three-step computation (the "PyTorch" line of the FlashAttention charts): per
+    document when packed, with the key padding mask when padded."""
+    if layout is None:
+        return _eager_attention(q, k, v, causal)
+    if layout.kind == PACKED:
+        return per_document(_eager_attention, q, k, v, causal=causal, layout=layout)
+    return _eager_attention(q, k, v, False, layout.key_mask(causal, q.device))
 
 
 # --- SDPA backends -------------------------------------------------------------------------------
 
-def _sdpa_forward(backend: SDPBackend):
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
+def _sdpa(backend: SDPBackend) -> SequenceAttention:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+    return attend
+
+
+def _sdpa_forward(backend: SDPBackend):
+    attend = _sdpa(backend)
+
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                layout: Layout | None = None) -> torch.Tensor:
+        """One call; per document when packed (SDPA has no varlen form for dense tensors); with the
+        key padding mask when padded."""
+        if layout is None:
+            return attend(q, k, v, causal)
+        if layout.kind == PACKED:
+            return per_document(attend, q, k, v, causal=causal, layout=layout)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask(causal, q.device),
+                                                  enable_gqa=q.shape[1] != k.shape[1])
 
     forward.__name__ = f"sdpa_{backend.name.lower()}"
     return forward
 
 
+def _sdpa_kernel_name(backend: SDPBackend):
+    def kernel(point: Point) -> str:
+        how = {PACKED: ", one call per document", PADDED: " with a key padding mask"}.get(point.layout, "")
+        return f"sdpa:{backend.name}{how}" + (" (enable_gqa)" if point.grouped else "")
+
+    return kernel
+
+
 @functools.lru_cache(maxsize=256)
 def _probe_sdpa(backend: SDPBackend, device: str, dtype: str, head_dim: int, causal: bool,
-                grad: bool, q_len: int | None) -> str | None:
-    """Run the backend once on a tiny input of this kind (a decode step's shape when ``q_len``); its
-    refusal (with PyTorch's warnings, which carry the real reasons) is the reason it is not supported."""
+                grad: bool, q_len: int | None, grouped: bool = False, padded: bool = False) -> str | None:
+    """Run the backend once on a tiny input of this kind (a decode step's shape when ``q_len``, two
+    query heads per KV head when ``grouped``, a key padding mask when ``padded``); its refusal (with
+    PyTorch's warnings, which carry the real reasons) is the reason it is not supported."""
     x = torch.zeros(1, 1, 16, head_dim, device=device, dtype=getattr(torch, dtype), requires_grad=grad)
+    queries = x.expand(1, 2, 16, head_dim) if grouped else x
     # A decode step: q_len new queries against the cache and themselves, masked as the step masks.
-    q = x[:, :, :q_len] if q_len else x
+    q = queries[:, :, :q_len] if q_len else queries
     mask = torch.ones(q.shape[-2], 16, dtype=torch.bool, device=device).tril(16 - q.shape[-2])
     bias = _decode_mask_of(backend)(mask, x, {}) if q_len and q_len > 1 else None
+    if padded:
+        bias = Layout(PADDED, ((9,), (16,))).key_mask(causal, device)[:1, :, :q.shape[-2]]  # 9 of 16 keys real
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q, x, x, attn_mask=bias, is_causal=causal and not q_len)
+                out = F.scaled_dot_product_attention(q, x, x, attn_mask=bias, enable_gqa=grouped,
+                                                     is_causal=causal and not q_len and not padded)
             if grad:
                 out.sum().backward()
             return None
@@ -80,7 +140,7 @@ def _sdpa_probe(backend: SDPBackend):
     def probe(point: Point) -> str | None:
         q_len = min(point.q_len, 15) if point.mode == DECODE else None
         return _probe_sdpa(backend, point.device, point.dtype, point.head_dim, point.causal, point.needs_grad,
-                           q_len)
+                           q_len, point.grouped, point.layout == PADDED and point.mode != DECODE)
 
     return probe
 
@@ -122,8 +182,11 @@ def _decoder(attend: Attend, what: str, mask_of: MaskOf = boolean_mask) -> Decod
 # --- registration --------------------------------------------------------------------------------
 
 _SUMMARY = "softmax(QKᵀ/√d)V"
+_PER_DOCUMENT = frozenset(LAYOUTS)
 register(Entry("standard", "eager", "standard", eager, reference, dense_flops,
-               kernel_name=lambda p: "eager matmul+softmax+matmul",
+               caps=Capabilities(layouts=_PER_DOCUMENT, gqa=True),
+               kernel_name=lambda p: "eager matmul+softmax+matmul"
+                                     + {PACKED: " per document", PADDED: " with a key padding mask"}.get(p.layout, ""),
                decoder=_decoder(eager_attend, "eager matmul+softmax"),
                summary=f"{_SUMMARY}, explicit n×n scores"))
 
@@ -134,8 +197,8 @@ for _impl, _backend, _caps in (
         ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, {"devices": _CUDA}),
         ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, {"devices": _CUDA, "max_head_dim": 256})):
     register(Entry("standard", _impl, "baseline", _sdpa_forward(_backend), reference, dense_flops,
-                   caps=Capabilities(**_caps, probe=_sdpa_probe(_backend)),
-                   kernel_name=functools.partial(lambda p, b: f"sdpa:{b.name}", b=_backend),
+                   caps=Capabilities(**_caps, layouts=_PER_DOCUMENT, gqa=True, probe=_sdpa_probe(_backend)),
+                   kernel_name=_sdpa_kernel_name(_backend),
                    decoder=_decoder(_sdpa_attend(_backend), f"sdpa:{_backend.name}", _decode_mask_of(_backend)),
                    summary=f"{_SUMMARY} through torch SDPA restricted to {_backend.name}"))
 

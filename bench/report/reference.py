@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..env import name_words
+from ..env import device_peaks
 
 FA2_FIG7 = "FlashAttention-2 paper, Fig. 7"
 FA3_FIG5 = "FlashAttention-3 paper, Fig. 5"
 SIXTEEN_BIT = ("float16", "bfloat16")
 
 
-# The device a published curve was measured on -> the device models (whole words of device_name) it holds for.
+# The device a published curve was measured on -> the models (peak table rows) it holds for.
 APPLIES_TO = {"H100": ("H100", "H200", "GH200")}
 MEASURED_ON = {"H100": "H100 SXM"}
 
@@ -44,7 +44,8 @@ class Reference:
 
     def matches(self, device_name: str, mode: str, causal: bool, head_dim: int, dtype: str) -> bool:
         models = APPLIES_TO.get(self.device, (self.device,))
-        return (not name_words(device_name).isdisjoint(models) and (self.mode, self.causal, self.head_dim)
+        part = device_peaks(device_name)  # the parts the peak table knows: no PCIe or NVL variant
+        return (part is not None and part.model in models and (self.mode, self.causal, self.head_dim)
                 == (mode, causal, head_dim) and dtype in self.dtypes)
 
 
