@@ -24,6 +24,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from variants.registry import condense
+
 from .errors import BadInput
 
 # xformers warns at import when its C++ extension was built for another torch; which operator
@@ -72,7 +74,8 @@ def list_command(
     device: Annotated[str, typer.Option(help="Device to check availability on: auto, cpu, cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Dtype to check availability for.")] = "float32",
 ) -> None:
-    """Every registered (variant, impl), its family and parameters, and whether it runs here."""
+    """Every registered (variant, impl), its family and parameters, whether it runs here (non-causal,
+    causal, decode) and whether it runs grouped-query heads, packed and padded documents, and why not."""
     import variants
 
     from .env import resolve_device
@@ -80,34 +83,62 @@ def list_command(
 
     validate_device_and_dtype(device, dtype)
     device = resolve_device(device)
-    listing = []
-    for entry in variants.entries():
-        reasons = {}
-        for causal in (False, True):
-            point = variants.Point(device=device, dtype=dtype, causal=causal, params=entry.resolve())
-            reasons["causal" if causal else "non-causal"] = "; ".join(entry.not_supported_reasons(point)) or None
-        runnable = [k for k, r in reasons.items() if r is None]
-        distinct = set(reasons.values())
-        # One reason for both maskings is said once (the xformers build mismatch, a missing package).
-        reason = None if runnable else distinct.pop() if len(distinct) == 1 else \
-            "; ".join(f"{k}: {r}" for k, r in reasons.items())
-        decode = variants.Point(device=device, dtype=dtype, causal=True, mode=variants.DECODE, params=entry.resolve())
-        listing.append({"variant": entry.variant, "impl": entry.impl, "family": entry.family,
-                        "params": dict(entry.params), "available": bool(runnable), "masking": runnable,
-                        "decode": not entry.not_supported_reasons(decode), "reason": reason,
-                        "summary": entry.summary})
+    listing = [_listing(entry, device, dtype) for entry in variants.entries()]
     if as_json:
         print(json.dumps(listing, indent=1))
         return
     table = Table(title=f"attention variants on {device} ({dtype})")
-    for column in ("variant/impl", "family", "params", "runs", "summary / why not"):
+    for column in ("variant/impl", "family", "params", "runs", "shapes", "summary / why not"):
         table.add_column(column, overflow="fold")
     for item in listing:
         params = ", ".join(f"{k}={v}" for k, v in item["params"].items())
         runs = ", ".join(item["masking"] + ["decode"] * item["decode"]) if item["available"] else "[red]no[/]"
+        shapes = ", ".join(name for name, shape in item["shapes"].items() if shape["runs"]) if item["available"] \
+            else ", ".join(item["declared"]) + " (declared)" if item["declared"] else "—"
+        not_run = "; ".join(f"{name}: {shape['reason']}" for name, shape in item["shapes"].items()
+                            if not shape["runs"] and shape["reason"])
+        why = escape(item["summary"]) if item["available"] else f"[red]{escape(item['reason'])}[/]"
+        if item["available"] and not_run:
+            why += f"\n[yellow]{escape(condense(not_run, 200))}[/]"
         table.add_row(escape(f"{item['variant']}/{item['impl']}"), item["family"], escape(params), runs,
-                      escape(item["summary"]) if item["available"] else f"[red]{escape(item['reason'])}[/]")
-    out.print(table)
+                      escape(shapes), why)
+    Console(width=max(out.width, 140)).print(table)  # six columns stay readable in a pipe's 80
+
+
+# The shapes `bench list` reports beside the plain one: grouped-query heads, each document layout.
+_SHAPES = {"gqa": {"heads": 4, "kv_heads": 1}, "packed": {"layout": "packed"}, "padded": {"layout": "padded"}}
+
+
+def _listing(entry, device: str, dtype: str) -> dict:
+    """One entry's row of `bench list`: where it runs, the shapes it runs there, and why not."""
+    import variants
+
+    def reasons(causal: bool, **shape) -> str | None:
+        documents = variants.Documents() if shape.get("layout") else None
+        point = variants.Point(device=device, dtype=dtype, causal=causal, params=entry.resolve(), documents=documents,
+                               **shape)
+        return "; ".join(entry.not_supported_reasons(point)) or None
+
+    plain = {"causal" if causal else "non-causal": reasons(causal) for causal in (False, True)}
+    runnable = [k for k, r in plain.items() if r is None]
+    distinct = set(plain.values())
+    # One reason for both maskings is said once (the xformers build mismatch, a missing package).
+    reason = None if runnable else distinct.pop() if len(distinct) == 1 else "; ".join(f"{k}: {r}" for k, r in plain.items())
+    shapes = {}
+    for name, shape in _SHAPES.items():
+        found = {masking: reasons(masking == "causal", **shape) for masking in runnable}
+        why = "; ".join(dict.fromkeys(r for r in found.values() if r))
+        shapes[name] = {"runs": [m for m, r in found.items() if r is None], "reason": why or None}
+    decode = variants.Point(device=device, dtype=dtype, causal=True, mode=variants.DECODE, params=entry.resolve())
+    return {"variant": entry.variant, "impl": entry.impl, "family": entry.family, "params": dict(entry.params),
+            "available": bool(runnable), "masking": runnable, "decode": not entry.not_supported_reasons(decode),
+            "shapes": shapes, "declared": [name for name, shape in _SHAPES.items() if _declares(entry, **shape)],
+            "reason": reason, "summary": entry.summary}
+
+
+def _declares(entry, heads: int = 1, kv_heads: int | None = None, layout: str = "dense") -> bool:
+    """Whether the entry declares a shape (what `bench list` says where the entry does not run at all)."""
+    return (kv_heads is None or entry.caps.gqa) and layout in entry.caps.layouts
 
 
 # --- bench run sweep -----------------------------------------------------------------------------

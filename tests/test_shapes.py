@@ -184,3 +184,27 @@ def _refusals():
 def test_each_layout_or_head_refusal_says_why(entry, point, start):
     reason = why_not(entry, point)
     assert reason is not None and start in reason and len(reason) > len(start) + 10, reason
+
+
+def test_bench_list_says_which_shapes_each_entry_runs_and_why_not():
+    import json
+
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    result = CliRunner().invoke(app, ["list", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = {f"{r['variant']}/{r['impl']}": r for r in json.loads(result.output)}
+    eager = rows["standard/eager"]
+    assert {name: shape["runs"] for name, shape in eager["shapes"].items()} == \
+        {name: ["non-causal", "causal"] for name in ("gqa", "packed", "padded")}
+    for name, row in rows.items():
+        entry = variants.get(name)
+        assert set(row["declared"]) == {s for s, ok in (("gqa", entry.caps.gqa), ("packed", PACKED in entry.caps.layouts),
+                                                        ("padded", PADDED in entry.caps.layouts)) if ok}
+        for shape in row["shapes"].values():
+            if row["available"] and not shape["runs"]:
+                assert shape["reason"], (name, shape)  # a shape that does not run says why
+    table = CliRunner().invoke(app, ["list", "--device", "cpu"])
+    assert table.exit_code == 0 and "gqa, packed, padded" in table.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -45,6 +46,14 @@ BAD_FLAGS = [
     (["--resume"], "--resume"),
     (["--variants", "standard/sdpa-flash", "--head-dim", "512"], "512"),
     (["--max-mem-gb", "-1"], "-1"),
+    (["--heads", "4", "--kv-heads", "3"], "kv_heads: 3 does not divide heads=4"),
+    (["--heads", "4", "--gqa-ratio", "3"], "gqa_ratios: 3 does not divide heads=4"),
+    (["--kv-heads", "0"], "kv_heads: 0"),
+    (["--layouts", "dense,jagged"], "jagged"),
+    (["--layouts", "packed", "--doc-dist", "zipf"], "zipf"),
+    (["--layouts", "packed", "--docs-per-row", "65"], "65 documents do not fit in a row of 64 tokens"),
+    (["--layouts", "packed", "--docs-per-row", "0"], "documents.count: 0"),
+    (["--layouts", "packed", "--doc-seed", "-1"], "documents.seed: -1"),
 ]
 
 
@@ -70,6 +79,12 @@ BAD_TOML = [
     ("[sweep]\nvariants = ['standard/eager']\nseq_lens = [64]\ncausal = ['yes']\n", "causal"),
     ("[sweep]\nvariants = ['standard/eager']\nseq_lens = 'long'\n", "seq_lens"),
     ("[nonsense]\nx = 1\n", "nonsense"),
+    ("[sweep]\nvariants = ['standard/eager']\nseq_lens = [64]\nkv_heads = [1]\ngqa_ratios = [4]\n",
+     "kv_heads or gqa_ratios, not both"),
+    ("[sweep]\nvariants = ['standard/eager']\nseq_lens = [64]\nkv_heads = 1\n", "kv_heads must be a list"),
+    ("[sweep]\nvariants = ['standard/eager']\nseq_lens = [64]\n[documents]\nsize = 3\n", "documents.size"),
+    ("[sweep]\nvariants = ['standard/eager']\nseq_lens = [64]\nmodes = ['decode']\n[decode]\nlayouts = ['x']\n",
+     "decode.layouts"),
 ]
 
 
@@ -100,6 +115,35 @@ def test_flags_override_preset_and_grid_expands():
     assert len(tasks) == len(impls) * 2  # 2 lengths, 1 mode, 1 causal, 1 dtype, 1 head dim
     assert all(t.point.params["window"] == 64 for t in tasks)  # from the preset's [params.local]
     assert len({t.fields()["key"] for t in tasks}) == len(tasks)
+
+
+def test_heads_layouts_and_documents_expand_into_points_with_their_columns():
+    s = spec.override(spec.SweepSpec(variants=("standard/eager",), seq_lens=(64, 128), heads=8, device="cpu"),
+                      gqa_ratios=(1, 4), layouts=("dense", "packed", "padded"),
+                      documents={"distribution": "multinomial", "count": 3, "seed": 7})
+    tasks = plan.expand(spec.validate(s), "cpu")
+    assert len(tasks) == 2 * 3 * 2  # ratios × layouts × lengths
+    assert {t.point.n_kv_heads for t in tasks} == {8, 2}
+    packed = next(t for t in tasks if t.point.layout == "packed" and t.point.seq_len == 128)
+    fields = packed.fields()
+    assert (fields["layout"], fields["doc_distribution"], fields["doc_count"], fields["doc_seed"]) == \
+        ("packed", "multinomial", 3, 7)
+    lengths = json.loads(fields["doc_lengths"])
+    assert len(lengths) == 3 and sum(lengths) == 128
+    dense = next(t for t in tasks if t.point.layout == "dense" and t.point.n_kv_heads == 8)
+    assert "doc_lengths" not in dense.fields() and dense.fields()["kv_heads"] == 8
+    assert len({t.fields()["key"] for t in tasks}) == len(tasks)
+    assert len({t.group() for t in tasks}) == 6  # sizes of one shape form a group
+
+
+def test_keys_of_earlier_runs_are_kept():
+    """A point of the old kind (as many KV heads as heads, dense) keys as it did before schema 3."""
+    from bench.store import point_key
+
+    old = {"kind": "kernel", "variant": "standard", "impl": "eager", "params": "{}", "mode": "fwd", "causal": False,
+           "batch": 1, "heads": 4, "seq_len": 64, "head_dim": 16, "dtype": "float32", "device": "cpu"}
+    assert point_key({**old, "kv_heads": 4, "layout": "dense"}) == point_key(old) == "5e3c5f588fffc54b"
+    assert point_key({**old, "kv_heads": 1, "layout": "dense"}) != point_key(old)
 
 
 @pytest.mark.parametrize("name", spec.preset_names())
