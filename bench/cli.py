@@ -146,12 +146,12 @@ def _declares(entry, heads: int = 1, kv_heads: int | None = None, layout: str = 
 @run_app.command("sweep")
 @bad_input_exits_2
 def sweep_command(
-    preset: Annotated[str | None, typer.Option(help="Packaged preset: quick, gpu, gpu-slice, scaling, sparse, decode.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Packaged preset: quick, gpu, gpu-slice, model-shapes, scaling, sparse, decode.")] = None,
     config: Annotated[Path | None, typer.Option(help="A TOML spec file (see README).")] = None,
     variants_: Annotated[str | None, typer.Option("--variants", help="Comma list: variant or variant/impl.")] = None,
     seq_lens: Annotated[str | None, typer.Option(help="Comma list of sequence lengths.")] = None,
     batch_sizes: Annotated[str | None, typer.Option(help="Comma list of batch sizes.")] = None,
-    heads: Annotated[int | None, typer.Option(help="Number of (query) heads.")] = None,
+    heads: Annotated[str | None, typer.Option(help="Number of (query) heads (comma list allowed).")] = None,
     kv_heads: Annotated[str | None, typer.Option(help="Comma list of key/value head counts (grouped-query "
                                                  "attention; 1 = multi-query). Default: as many as heads.")] = None,
     gqa_ratio: Annotated[str | None, typer.Option(help="Comma list of heads // kv_heads, instead of --kv-heads.")] = None,
@@ -188,7 +188,7 @@ def sweep_command(
     spec = specs.load(preset, config)
     spec = specs.override(
         spec, variants=specs.parse_list(variants_, "variants"), seq_lens=specs.parse_list(seq_lens, "seq-lens", int),
-        batch_sizes=specs.parse_list(batch_sizes, "batch-sizes", int), heads=heads,
+        batch_sizes=specs.parse_list(batch_sizes, "batch-sizes", int), heads=specs.parse_list(heads, "heads", int),
         head_dims=specs.parse_list(head_dim, "head-dim", int), dtypes=specs.parse_list(dtype, "dtype"),
         modes=specs.parse_list(modes, "modes"), causal=None if causal is None else (causal,), device=device,
         timeout_s=timeout_s, keep_going=keep_going or None, q_len=q_len,

@@ -15,7 +15,7 @@ from variants.registry import DECODE, Point
 
 from .device import Device
 from .measure import MeasureSettings
-from .spec import SweepSpec, heads_of, kv_heads_of
+from .spec import SweepSpec, heads_of, kv_heads_of, slices_of
 from .store import point_key
 
 
@@ -74,18 +74,23 @@ def document_columns(point: Point) -> dict[str, Any]:
             "doc_lengths": json.dumps(layouts.sequences(point))}
 
 
+def _shapes(spec: SweepSpec, head_dim: int, layout_kinds: tuple[str, ...]) -> list[tuple[int, int | None, str]]:
+    """(heads, kv_heads, layout) of every shape of the grid at ``head_dim``."""
+    return [(heads, kv_heads, layout) for heads in heads_of(spec, head_dim) for kv_heads in kv_heads_of(spec, heads)
+            for layout in layout_kinds]
+
+
 def _grid(spec: SweepSpec, selectors: tuple[str, ...], modes_causal: list[tuple[str, bool]],
           seq_lens: tuple[int, ...], batches_at: Callable[[int], tuple[int, ...]], layout_kinds: tuple[str, ...],
           device: str) -> list[Task]:
-    """Every (entry × (mode, causal) × dtype × head_dim × kv_heads × layout × seq_len × batch) point,
-    sizes ascending within a group so an OOM is met at the smallest size first."""
+    """Every (entry × (mode, causal) × dtype × head_dim × heads × kv_heads × layout × seq_len × batch)
+    point, sizes ascending within a group so an OOM is met at the smallest size first."""
     entries = list({e.name: e for s in selectors for e in variants.select(s)}.values())
     tasks = []
     for entry in entries:
         params = entry.resolve_variant_params(spec.params.get(entry.variant, {}))
         for (mode, causal), dtype, head_dim in itertools.product(modes_causal, spec.dtypes, spec.head_dims):
-            heads = heads_of(spec, head_dim)
-            for kv_heads, layout in itertools.product(kv_heads_of(spec, heads), layout_kinds):
+            for heads, kv_heads, layout in _shapes(spec, head_dim, layout_kinds):
                 documents = spec.documents if layout != DENSE else None
                 for seq_len in sorted(seq_lens):
                     for batch in batches_at(seq_len):
@@ -98,7 +103,16 @@ def _grid(spec: SweepSpec, selectors: tuple[str, ...], modes_causal: list[tuple[
 
 
 def expand(spec: SweepSpec, device: str) -> list[Task]:
-    """The sweep's points: its modes other than decode over the [sweep] grid, then the decode points
+    """The sweep's points, then each slice's (a point planned twice is measured once)."""
+    unique: dict[str, Task] = {}
+    for grid in (spec, *slices_of(spec)):
+        for task in _expand_grid(grid, device):
+            unique.setdefault(task.fields()["key"], task)
+    return list(unique.values())
+
+
+def _expand_grid(spec: SweepSpec, device: str) -> list[Task]:
+    """A grid's points: its modes other than decode over the [sweep] grid, then the decode points
     over the [decode] grid (causal by definition, whatever ``causal`` lists)."""
     def batches(n: int) -> tuple[int, ...]:
         return (max(1, spec.tokens // n),) if spec.tokens else spec.batch_sizes

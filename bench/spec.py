@@ -6,7 +6,7 @@ TOML layout (every key optional except where a preset supplies it)::
     variants = ["standard", "local/blocked"]   # variant (all impls) or variant/impl
     seq_lens = [512, 1024]
     batch_sizes = [1]        # or: tokens = 16384 (batch = tokens // seq_len, FlashAttention's convention)
-    heads = 4                # or: hidden = 2048 (heads = hidden // head_dim)
+    heads = 4                # or a list [32, 64]; or: hidden = 2048 (heads = hidden // head_dim)
     kv_heads = [8, 1]        # key/value heads (FlashAttention's nheads_kv); or gqa_ratios = [4] (heads // kv_heads)
     layouts = ["dense"]      # or "packed" (documents packed into rows), "padded" (one per row, padded)
     head_dims = [64]
@@ -35,6 +35,11 @@ TOML layout (every key optional except where a preset supplies it)::
 
     [slurm]                  # for --executor slurm (bench.executors.SlurmOptions)
     partition = "gpu"
+
+    [[slice]]                # more points: the [sweep] grid with these keys replaced (as flags replace
+    variants = ["standard"]  # them: in both grids), its own [documents] fields under documents = {...}
+    heads = [32]
+    kv_heads = [8, 1]
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ class SweepSpec:
     seq_lens: tuple[int, ...] = ()
     batch_sizes: tuple[int, ...] = (1,)
     tokens: int | None = None
-    heads: int | None = 4
+    heads: int | tuple[int, ...] | None = 4  # one count or a list
     hidden: int | None = None
     kv_heads: tuple[int, ...] | None = None  # None: as many as heads
     gqa_ratios: tuple[int, ...] | None = None  # heads // kv_heads, the alternative to kv_heads
@@ -97,15 +102,20 @@ class SweepSpec:
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     slurm: dict[str, Any] = field(default_factory=dict)  # job settings, see bench.executors.SlurmOptions
     decode: DecodeGrid = field(default_factory=DecodeGrid)
+    # Further grids: each replaces some keys of this one (as command-line flags do), [[slice]] in TOML.
+    slices: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-_TABLES = ("sweep", "params", "measure", "slurm", "decode", "documents")
-_SWEEP_KEYS = {f.name for f in fields(SweepSpec)} - set(_TABLES)
-_LIST_KEYS = {"variants", "seq_lens", "batch_sizes", "head_dims", "dtypes", "modes", "causal", "kv_heads",
+_TABLES = ("sweep", "params", "measure", "slurm", "decode", "documents", "slice")
+_SWEEP_KEYS = {f.name for f in fields(SweepSpec)} - set(_TABLES) - {"slices"}
+# What a slice may replace: the grid, not how the run goes (device, time limits).
+_SLICE_KEYS = (_SWEEP_KEYS - {"device", "timeout_s", "keep_going"}) | {"documents", "q_len"}
+_LIST_KEYS = {"variants", "seq_lens", "batch_sizes", "heads", "head_dims", "dtypes", "modes", "causal", "kv_heads",
               "gqa_ratios", "layouts"}
+_EITHER_KEYS = {"heads"}  # one value or a list
 _MEASURE_KEYS = {f.name for f in fields(MeasureSettings)}
 _DECODE_KEYS = {f.name for f in fields(DecodeGrid)}
 _DOCUMENT_KEYS = {f.name for f in fields(Documents)}
@@ -167,10 +177,26 @@ def _table_values(table: dict[str, Any], name: str, keys: set[str], origin: str)
     for key, value in table.items():
         if key not in keys:
             raise BadInput(f"{origin}: unknown key {name}.{key} (valid: {', '.join(sorted(keys))})")
-        if (key in _LIST_KEYS) != isinstance(value, list):
+        if key not in _EITHER_KEYS and (key in _LIST_KEYS) != isinstance(value, list):
             shape = "a list" if key in _LIST_KEYS else "a single value"
             raise BadInput(f"{origin}: {name}.{key} must be {shape}, got {value!r}")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+
+
+def _slice_values(table: dict[str, Any], origin: str) -> dict[str, Any]:
+    values = _table_values({k: v for k, v in table.items() if k != "documents"}, "slice", _SLICE_KEYS, origin)
+    documents = table.get("documents")
+    if documents is not None:
+        if not isinstance(documents, dict):
+            raise BadInput(f"{origin}: slice.documents must be a table")
+        values["documents"] = _table_values(documents, "slice.documents", _DOCUMENT_KEYS, origin)
+    return values
+
+
+def slices_of(spec: SweepSpec) -> list[SweepSpec]:
+    """Each [[slice]] as a spec of its own: this one with the slice's keys replaced."""
+    base = replace(spec, slices=())
+    return [override(base, **values) for values in spec.slices]
 
 
 def from_data(data: dict[str, Any], origin: str) -> SweepSpec:
@@ -178,8 +204,11 @@ def from_data(data: dict[str, Any], origin: str) -> SweepSpec:
     if unknown:
         raise BadInput(f"{origin}: unknown table {sorted(unknown)[0]!r} (valid: {', '.join(_TABLES)})")
     for name in _TABLES:
-        if not isinstance(data.get(name, {}), dict):
+        if name != "slice" and not isinstance(data.get(name, {}), dict):
             raise BadInput(f"{origin}: [{name}] must be a table")
+    slices = data.get("slice", [])
+    if not isinstance(slices, list) or not all(isinstance(s, dict) for s in slices):
+        raise BadInput(f"{origin}: slice must be an array of tables ([[slice]])")
     params, measure = data.get("params", {}), data.get("measure", {})
     for key in measure:
         if key not in _MEASURE_KEYS:
@@ -197,7 +226,8 @@ def from_data(data: dict[str, Any], origin: str) -> SweepSpec:
     try:
         return SweepSpec(**values, params={k: dict(v) for k, v in params.items()},
                          measure=MeasureSettings(**measure), slurm=dict(data.get("slurm", {})),
-                         decode=DecodeGrid(**decode), documents=Documents(**documents))
+                         decode=DecodeGrid(**decode), documents=Documents(**documents),
+                         slices=tuple(_slice_values(s, origin) for s in slices))
     except TypeError as exc:
         raise BadInput(f"{origin}: {exc}") from None
 
@@ -216,6 +246,9 @@ def override(spec: SweepSpec, q_len: int | None = None, documents: dict[str, Any
     given_documents = {k: v for k, v in (documents or {}).items() if v is not None}
     if given_documents:
         given["documents"] = replace(spec.documents, **given_documents)
+    if spec.slices and (given or given_documents or q_len is not None):  # a flag is every slice's value too
+        replaced = {*given, *(("documents",) if given_documents else ()), *(("q_len",) if q_len is not None else ())}
+        given["slices"] = tuple({k: v for k, v in s.items() if k not in replaced} for s in spec.slices)
     decode = replace(spec.decode, **{k: None for k in _SHARED_KEYS if k in given},
                      **({"q_len": q_len} if q_len is not None else {}))
     result = replace(spec, **given, decode=decode)
@@ -297,7 +330,7 @@ def validate(spec: SweepSpec) -> SweepSpec:
     if spec.hidden is not None:
         _positive_ints("hidden", spec.hidden)
     else:
-        _positive_ints("heads", spec.heads)
+        _positive_ints("heads", spec.heads if isinstance(spec.heads, tuple) else (spec.heads,))
     _positive_ints("head_dims", spec.head_dims)
     _validate_decode(spec.decode)
     _choices("dtypes", spec.dtypes, tuple(DTYPES))
@@ -317,11 +350,19 @@ def validate(spec: SweepSpec) -> SweepSpec:
     _validate_layouts(spec)
     _validate_params(spec)
     _validate_measure(spec.measure)
+    for number, sliced in enumerate(slices_of(spec), 1):
+        try:
+            validate(sliced)
+        except BadInput as exc:
+            raise BadInput(f"slice {number}: {exc}") from None
     return spec
 
 
-def heads_of(spec: SweepSpec, head_dim: int) -> int:
-    return spec.hidden // head_dim if spec.hidden else spec.heads
+def heads_of(spec: SweepSpec, head_dim: int) -> list[int]:
+    """The query head counts of a grid with ``head_dim`` (hidden // head_dim, or the heads given)."""
+    if spec.hidden:
+        return [spec.hidden // head_dim]
+    return list(spec.heads) if isinstance(spec.heads, tuple) else [spec.heads]
 
 
 def kv_heads_of(spec: SweepSpec, heads: int) -> list[int | None]:
@@ -340,14 +381,14 @@ def _validate_heads(spec: SweepSpec) -> None:
         if getattr(spec, name) is not None:
             _positive_ints(name, getattr(spec, name))
     for head_dim in spec.head_dims:
-        heads = heads_of(spec, head_dim)
-        for ratio in spec.gqa_ratios or ():
-            if heads % ratio:
-                raise BadInput(f"gqa_ratios: {ratio} does not divide heads={heads}")
-        for kv_heads in kv_heads_of(spec, heads):
-            if kv_heads is not None and heads % kv_heads:
-                raise BadInput(f"kv_heads: {kv_heads} does not divide heads={heads} (each key/value head "
-                               "serves an equal group of query heads)")
+        for heads in heads_of(spec, head_dim):
+            for ratio in spec.gqa_ratios or ():
+                if heads % ratio:
+                    raise BadInput(f"gqa_ratios: {ratio} does not divide heads={heads}")
+            for kv_heads in kv_heads_of(spec, heads):
+                if kv_heads is not None and heads % kv_heads:
+                    raise BadInput(f"kv_heads: {kv_heads} does not divide heads={heads} (each key/value head "
+                                   "serves an equal group of query heads)")
 
 
 def _validate_layouts(spec: SweepSpec) -> None:

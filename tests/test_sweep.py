@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +110,7 @@ def test_out_path_that_is_a_file_is_refused(tmp_path):
 
 
 def test_flags_override_preset_and_grid_expands():
-    s = spec.override(spec.load("quick"), seq_lens=(128, 64), variants=("local",), modes=("fwd",))
+    s = spec.override(replace(spec.load("quick"), slices=()), seq_lens=(128, 64), variants=("local",), modes=("fwd",))
     tasks = plan.expand(spec.validate(s), "cpu")
     impls = {e.impl for e in variants.select("local")}
     assert {t.impl for t in tasks} == impls
@@ -136,6 +138,35 @@ def test_heads_layouts_and_documents_expand_into_points_with_their_columns():
     assert len({t.group() for t in tasks}) == 6  # sizes of one shape form a group
 
 
+def test_slices_add_their_grids_and_flags_replace_their_keys_too():
+    text = """
+[sweep]
+variants = ["standard/eager"]
+seq_lens = [64]
+heads = 4
+[[slice]]
+variants = ["standard/sdpa-math"]
+heads = [8]
+kv_heads = [2]
+[[slice]]
+layouts = ["packed"]
+documents = {count = 2, distribution = "equal"}
+"""
+    loaded = spec.validate(spec.from_toml(text, "t"))
+    shapes = {(t.impl, t.point.heads, t.point.n_kv_heads, t.point.layout) for t in plan.expand(loaded, "cpu")}
+    assert shapes == {("eager", 4, 4, "dense"), ("sdpa-math", 8, 2, "dense"), ("eager", 4, 4, "packed")}
+    packed = next(t for t in plan.expand(loaded, "cpu") if t.point.layout == "packed")
+    assert packed.point.documents == variants.Documents("equal", 2, 0)
+    flagged = spec.override(loaded, variants=("standard/sdpa-flash",), seq_lens=(32,))
+    points = [t.point for t in plan.expand(spec.validate(flagged), "cpu")]
+    assert {p.seq_len for p in points} == {32} and len(points) == 3
+    bad = "[sweep]\nvariants = ['standard/eager']\nseq_lens = [64]\n[[slice]]\nheads = [4]\nkv_heads = [3]\n"
+    with pytest.raises(spec.BadInput, match="slice 1: kv_heads: 3 does not divide heads=4"):
+        spec.validate(spec.from_toml(bad, "t"))
+    with pytest.raises(spec.BadInput, match="unknown key slice.device"):
+        spec.from_toml("[[slice]]\ndevice = 'cpu'\n", "t")
+
+
 def test_keys_of_earlier_runs_are_kept():
     """A point of the old kind (as many KV heads as heads, dense) keys as it did before schema 3."""
     from bench.store import point_key
@@ -154,6 +185,7 @@ def test_every_preset_loads_expands_and_is_named_in_the_help(name):
         loaded = spec.override(loaded, device="cpu")
     assert plan.expand(spec.validate(loaded), "cpu")
     help_text = " ".join(CliRunner().invoke(app, ["run", "sweep", "--help"]).output.split())
+    help_text = re.sub(r"-\s+", "-", help_text)  # a name the help wraps at its hyphen
     assert name in help_text
 
 
