@@ -186,6 +186,14 @@ def assert_counts_agree(text: str) -> None:
         assert "no full-sequence point" not in said and "full-sequence points ran ok" not in said
     if figures.get("decode"):
         assert "no decode step" not in said and "decode steps ran ok" not in said
+    # Grouped heads and layouts are in the summary and the cards exactly where their section compares them.
+    labels, layouts = list(cards), parts.get("layouts", "")
+    assert ("Grouped-query heads (" in summary) == bool(figures.get("gqa")) == \
+        any(label.startswith("grouped-query time") for label in labels)
+    for first in ("packed", "ragged"):
+        assert any(label.startswith(f"{first} ÷ padded time") for label in labels) == (f"{first} ÷ padded" in layouts)
+    assert ("Packed documents against padding (" in summary) == ("packed ÷ padded" in layouts)
+    assert ("Ragged decode beside uniform (" in summary) == ('class="part">Ragged decode' in layouts)
 
 
 def assert_self_contained(page: Page, text: str) -> None:
@@ -273,7 +281,7 @@ def test_panels_are_capped_and_split_only_where_a_column_varies_at_one_length() 
     assert len(panels.omitted) == 2 * (analysis.MAX_PANELS + 3) - analysis.MAX_PANELS
     # FlashAttention's convention (batch = tokens / n) is one batch per length: no split.
     tokens = [row("standard", "sdpa-flash", "baseline", n, **ok_fields(1.0, 1e6, n), batch=16384 // n) for n in LENGTHS]
-    assert analysis.panel_columns(pd.DataFrame(tokens)) == list(analysis.PANEL_COLUMNS)
+    assert analysis.panel_columns(analysis.with_series(pd.DataFrame(tokens))) == list(analysis.PANEL_COLUMNS)
 
 
 def test_reference_curves_match_only_their_device_and_configuration() -> None:

@@ -6,10 +6,14 @@ Vocabulary:
 
 * a *series* is one (variant, impl) — with its params when the same (variant, impl) ran with
   several — drawn as one line;
-* a *panel* is one (mode, causal, dtype, head_dim), split further by device, heads or batch only
-  where those vary at a fixed sequence length (so FlashAttention's batch = tokens / n convention
-  stays one panel);
+* a *panel* is one (mode, causal, dtype, head_dim), split further by device, heads, kv_heads, batch,
+  q_len or arrangement (the layout with its documents) only where those vary at a fixed sequence
+  length (so FlashAttention's batch = tokens / n convention stays one panel, and a run of one shape
+  keeps short titles);
 * a *point* is a panel at one sequence length: what a series is compared on.
+
+Grouped heads and layouts are also compared across panels (:class:`Compared`): a grouped point
+beside its series' multi-head point, a packed one beside the padded one of the same documents.
 
 The only names bench/ may tell apart are families: "baseline" (the kernels everyone already uses)
 and "standard" (exact softmax attention, baselines included).
@@ -25,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from variants.registry import MODES
+from variants.layouts import DENSE, PACKED, PADDED
+from variants.registry import DECODE, MODES
 
 from ..errors import BadInput
 from ..store import STATUSES
@@ -34,7 +39,13 @@ BASELINE_FAMILY = "baseline"
 STANDARD_FAMILIES = ("standard", BASELINE_FAMILY)
 PANEL_COLUMNS = ("mode", "causal", "dtype", "head_dim")
 # Split a panel only where these vary at one sequence length (see the module docstring).
-SPLIT_COLUMNS = ("device_name", "heads", "batch", "q_len")
+SPLIT_COLUMNS = ("device_name", "heads", "kv_heads", "batch", "q_len", "arrangement")
+# Written bare in a title, their values saying what they are: "packed (uniform ×8)", not "arrangement=…".
+BARE_COLUMNS = ("arrangement", "documents")
+# One value per point wherever arrangement is one (they make it up): what the layout comparisons state.
+DOCUMENT_COLUMNS = ("layout", "documents", "doc_distribution", "doc_count", "doc_seed", "doc_lengths")
+# Standard and baseline impls compute the same exact attention: one group when families are compared.
+SOFTMAX = "softmax"
 MODE_ORDER = {mode: i for i, mode in enumerate(MODES)}
 # More panels than this are not drawn (the page would be unreadable and slow: three figures per
 # panel); the report names the ones left out. The summary speaks of the first few only.
@@ -54,18 +65,21 @@ def kernel_rows(rows: pd.DataFrame) -> pd.DataFrame:
 @dataclass(frozen=True)
 class Timings:
     """Ok points of full-sequence calls, or of decode steps, aggregated into drawn panels, their
-    ratios against the baseline and their scaling fits."""
+    ratios against the baseline and their scaling fits; and every aggregated point, drawn or not
+    (grouped heads and layouts are compared across panels)."""
 
     agg: pd.DataFrame
     panels: Panels
     ratio: pd.DataFrame
     fits: pd.DataFrame
+    points: pd.DataFrame
 
 
 def timings(ok: pd.DataFrame, baseline: str | None) -> Timings:
     columns = panel_columns(ok)
-    agg, panels = choose_panels(aggregate(ok, columns), columns)
-    return Timings(agg, panels, ratios(agg, baseline), scaling(agg))
+    points, panels = choose_panels(aggregate(ok, columns), columns)
+    agg = points[points["panel"].isin(panels.titles)]
+    return Timings(agg, panels, ratios(agg, baseline), scaling(agg), points)
 
 
 DECODE_COLUMNS = ["panel", "series", "family", "seq_len", "time_ms", "speedup", "cache_bytes", "cache_ratio",
@@ -101,17 +115,205 @@ def decode_leaders(decode: Timings) -> pd.DataFrame:
     where it and a standard step both ran: the decode headline (rows of decode_points)."""
     points = decode_points(decode)
     rivals = points[~points["family"].isin(STANDARD_FAMILIES)].dropna(subset=["speedup"])
-    largest = rivals[rivals["seq_len"] == rivals.groupby("panel")["seq_len"].transform("max")]
+    largest = at_largest(rivals, ["panel"])
     return largest.loc[largest.groupby("panel")["speedup"].idxmax()]
 
 
-def json_object(text: object) -> dict | None:
-    """``text`` parsed as a JSON object; None for anything else (params are data, not trusted)."""
+def at_largest(frame: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """The rows at the largest sequence length of each ``by`` group."""
+    return frame[frame["seq_len"] == frame.groupby(list(by))["seq_len"].transform("max")]
+
+
+def _json(text: object) -> object:
+    """``text`` parsed as JSON; None for anything else (results are data, not trusted)."""
     try:
-        value = json.loads(text) if isinstance(text, str) else None
+        return json.loads(text) if isinstance(text, str) else None
     except ValueError:
         return None
+
+
+def json_object(text: object) -> dict | None:
+    """``text`` parsed as a JSON object; None for anything else."""
+    value = _json(text)
     return value if isinstance(value, dict) else None
+
+
+def json_lengths(text: object) -> list[int]:
+    """``text`` parsed as a JSON list of positive lengths (``doc_lengths``); empty for anything else."""
+    value = _json(text)
+    valid = isinstance(value, list) and all(isinstance(v, int) and v > 0 for v in value)
+    return value if valid else []
+
+
+# --- grouped heads and layouts, compared across panels -------------------------------------------
+
+@dataclass(frozen=True)
+class Compared:
+    """Points beside reference points of another shape, in panels of the shape without the column
+    compared across: ``points`` of the drawn panels (at most MAX_PANELS, as choose_panels keeps)."""
+
+    points: pd.DataFrame
+    panels: Panels
+
+
+@dataclass(frozen=True)
+class ByLayout(Compared):
+    """Points of ``layouts[0]`` beside those of the other layouts (see :func:`by_layout`); ``families``:
+    per (panel, family group, n) the fastest and leanest series of each layout (best_per_point's
+    columns, prefixed by the layout) and the first's ratios ``time_vs_{layout}``, ``mem_vs_{layout}``;
+    ``documents``: each drawn panel's documents in words (documents_text); ``metrics``: the columns of
+    ``points`` compared."""
+
+    layouts: tuple[str, ...]
+    metrics: tuple[str, ...]
+    decode: bool
+    families: pd.DataFrame
+    documents: dict[str, str]
+
+    def word(self, layout: str) -> str:
+        """How the page names a layout: decoding, a packed batch is a ragged one and dense is uniform."""
+        return LAYOUT_WORDS[layout] if not (self.decode and layout == PACKED) else "ragged"
+
+
+LAYOUT_WORDS = {PACKED: "packed", PADDED: "padded", DENSE: "uniform"}
+GQA_METRICS = ("time_ms", "peak_mem_bytes", "cache_bytes")
+FULL_LAYOUT_METRICS = ("time_ms", "peak_mem_bytes")
+DECODE_LAYOUT_METRICS = ("time_ms", "cache_bytes", "bytes_moved")
+
+
+def _drawn_only(points: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, Panels]:
+    """Points relabelled with panels of ``columns``, those of the drawn panels only."""
+    labelled, panels = choose_panels(points.drop(columns="panel"), columns)
+    return labelled[labelled["panel"].isin(panels.titles)], panels
+
+
+def beside(points: pd.DataFrame, reference: pd.DataFrame, prefix: str, metrics: Sequence[str],
+           how: str = "inner") -> pd.DataFrame:
+    """``points`` beside the ``reference`` point of the same panel, series and n: its ``metrics`` as
+    ``{prefix}_{metric}``, each ratio ``{metric}_vs_{prefix}`` = value ÷ the reference's, and
+    ``noisy`` when either side is."""
+    keys = ["panel", "series", "seq_len"]
+    side = reference[[*keys, *metrics, "noisy"]].rename(columns={c: f"{prefix}_{c}" for c in (*metrics, "noisy")})
+    frame = points.merge(side, on=keys, how=how)
+    return frame.assign(**{f"{m}_vs_{prefix}": frame[m] / frame[f"{prefix}_{m}"] for m in metrics},
+                        noisy=frame["noisy"] | frame[f"{prefix}_noisy"].eq(True))
+
+
+def grouped_heads(timings: Timings) -> Compared:
+    """Each series' points with grouped heads beside its multi-head point at the same shape and n, in
+    panels without kv_heads (the multi-head point included, at ratio 1): ``gqa_ratio`` = heads ÷
+    kv_heads and ``{metric}_vs_mha`` for time, peak memory and cache; only series and lengths that ran
+    both."""
+    columns = [c for c in timings.panels.columns if c != "kv_heads"]
+    points = timings.points.assign(gqa_ratio=gqa_ratio(timings.points))
+    ratios_here = points.groupby([*columns, "series", "seq_len"], dropna=False)["gqa_ratio"]
+    points = points[ratios_here.transform("min").eq(1) & ratios_here.transform("nunique").gt(1)]
+    labelled, panels = _drawn_only(points, columns)
+    return Compared(beside(labelled, labelled[labelled["gqa_ratio"] == 1], "mha", GQA_METRICS), panels)
+
+
+def _layout_points(timings: Timings, layouts: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """The points of ``layouts`` at (shape, documents, n) where the first layout and another ran, and
+    the panel columns of that shape: the timings' without arrangement, with documents. A dense point
+    has no documents: it stands beside every document setting run at its shape and n."""
+    points, base = timings.points, [c for c in timings.panels.columns if c != "arrangement"]
+    documented = points[points["layout"].isin(layouts) & points["layout"].ne(DENSE)]
+    settings = documented[[*base, "seq_len", "documents"]].drop_duplicates()
+    dense = points[points["layout"].eq(DENSE)] if DENSE in layouts else points.iloc[:0]
+    frame = pd.concat([documented, dense.drop(columns="documents").merge(settings, on=[*base, "seq_len"])],
+                      ignore_index=True)
+    columns = [*base, "documents"]
+    here = frame.assign(first=frame["layout"].eq(layouts[0])).groupby([*columns, "seq_len"], dropna=False)
+    return frame[here["first"].transform("any") & here["layout"].transform("nunique").gt(1)], columns
+
+
+def family_group(family: pd.Series) -> pd.Series:
+    """A family, standard and baseline as one (they compute the same exact attention)."""
+    return family.where(~family.isin(STANDARD_FAMILIES), SOFTMAX)
+
+
+def _family_best(labelled: pd.DataFrame, layouts: Sequence[str]) -> pd.DataFrame:
+    """Per (panel, family group, n): the fastest and leanest of each layout, and the first's ratios
+    against the others, where the first and another ran."""
+    frame = labelled.assign(group=family_group(labelled["family"]))
+    index = ["panel", "group", "seq_len"]
+    best = frame[index].drop_duplicates()
+    for layout in layouts:
+        best = best.merge(best_per_point(frame, frame["layout"].eq(layout), layout, index), on=index, how="left")
+    first, *others = layouts
+    ratios = {f"{what}_vs_{other}": best[f"{first}_{what}"] / best[f"{other}_{what}"]
+              for other in others for what in ("time", "mem")}
+    noisy = np.logical_or.reduce([best[f"{layout}_noisy"].eq(True) for layout in layouts])
+    best = best.assign(**ratios, noisy=noisy, after_softmax=best["group"].ne(SOFTMAX))
+    best = best.dropna(subset=[f"time_vs_{other}" for other in others], how="all")
+    order = ["panel", "after_softmax", "group", "seq_len"]  # softmax first, as standard is in legends
+    return best.sort_values(order, ignore_index=True).drop(columns="after_softmax")
+
+
+def documents_text(points: pd.DataFrame, decode: bool) -> str:
+    """What a layout panel's documents are (from its point at the largest n): their distribution,
+    count and seed, and at that n the shortest and longest and what padding them to the longest costs."""
+    last = points.loc[points["seq_len"].idxmax()]
+    text = (f"Cache lengths around the mean n, one per sequence of the batch, from the {last['doc_distribution']} "
+            f"distribution" if decode else
+            f"{last['doc_count']:,.0f} documents per row, lengths from the {last['doc_distribution']} distribution")
+    text += f", seed {last['doc_seed']:,.0f}."
+    lengths = json_lengths(last["doc_lengths"])
+    if lengths:
+        text += (f" At n={last['seq_len']:,} the batch's {len(lengths):,} {'sequences' if decode else 'documents'} "
+                 f"are {min(lengths):,}–{max(lengths):,} tokens long; padded to the longest they take "
+                 f"{times(len(lengths) * max(lengths) / sum(lengths))} the real tokens.")
+    return text
+
+
+def by_layout(timings: Timings, layouts: Sequence[str], metrics: Sequence[str]) -> ByLayout:
+    """Packed documents (decoding: a ragged batch), ``layouts[0]``, beside the other ``layouts`` at the
+    same shape, documents and n (see _layout_points): per series, ``{metric}_vs_{layout}`` for each
+    other layout it ran, and per family group the best of each (ByLayout)."""
+    frame, columns = _layout_points(timings, layouts)
+    labelled, panels = _drawn_only(frame, columns)
+    first, *others = layouts
+    points = labelled[labelled["layout"] == first]
+    for other in others:
+        points = beside(points, labelled[labelled["layout"] == other], other, metrics, how="left")
+    points = points.dropna(subset=[f"{metrics[0]}_vs_{other}" for other in others], how="all")
+    decode = bool(labelled["mode"].eq(DECODE).any())
+    documented = labelled[labelled["layout"] == first]
+    documents = {title: documents_text(rows, decode) for title, rows in panels.split(documented)}
+    return ByLayout(points, panels, tuple(layouts), tuple(metrics), decode, _family_best(labelled, layouts),
+                    documents)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Grouped heads against multi-head (full-sequence calls, then decode steps), packed documents
+    against padding and ragged decoding beside padded and uniform batches."""
+
+    gqa: tuple[Compared, Compared]
+    packed: ByLayout
+    ragged: ByLayout
+
+
+def shapes(full: Timings, decode: Timings) -> Shapes:
+    return Shapes((grouped_heads(full), grouped_heads(decode)),
+                  by_layout(full, (PACKED, PADDED), FULL_LAYOUT_METRICS),
+                  by_layout(decode, (PACKED, PADDED, DENSE), DECODE_LAYOUT_METRICS))
+
+
+def gqa_ratio(frame: pd.DataFrame) -> pd.Series:
+    """heads ÷ kv_heads: the query heads that share one key/value head (1: multi-head)."""
+    return pd.to_numeric(frame["heads"]).astype(float) / frame["kv_heads"].astype(float)
+
+
+def gqa_varies(kernel: pd.DataFrame) -> bool:
+    """Whether rows (of any status) ran at several GQA ratios."""
+    return gqa_ratio(kernel).nunique() > 1
+
+
+def plain_shape(points: pd.DataFrame) -> bool:
+    """Whether every point is dense with as many KV heads as query heads: the shape published
+    figures are measured at."""
+    return bool(points["layout"].eq(DENSE).all() and points["kv_heads"].eq(points["heads"]).all())
 
 
 def _params_text(params: object) -> str:
@@ -123,13 +325,33 @@ def _params_text(params: object) -> str:
 
 
 def with_series(kernel: pd.DataFrame) -> pd.DataFrame:
-    """Add ``series``: ``variant/impl``, plus the params where one (variant, impl) ran with several."""
-    frame = kernel.copy()
+    """Add ``series``: ``variant/impl``, plus the params where one (variant, impl) ran with several;
+    and the shape columns points are told apart by (:func:`shape_columns`)."""
+    frame = kernel.assign(**shape_columns(kernel))
     name = frame["variant"].astype(str) + "/" + frame["impl"].astype(str)
     several = frame.groupby(name)["params"].transform("nunique") > 1
     params = frame["params"].map({p: _params_text(p) for p in frame["params"].unique()})
     frame["series"] = name.where(~several, name + " [" + params + "]")
     return frame
+
+
+def shape_columns(rows: pd.DataFrame) -> dict[str, pd.Series]:
+    """``kv_heads`` and ``layout`` as every row has them (rows from before schema 3 had as many KV
+    heads as query heads, dense), and two texts: ``documents``, a packed or padded point's
+    distribution, documents per row and seed (decoding, the serving batch's distribution: its
+    sequences are the documents; empty when dense), and ``arrangement``, the layout with them:
+    "dense", "packed (uniform ×8)", decoding "ragged (uniform)"."""
+    heads = pd.to_numeric(rows["heads"])
+    kv_heads = pd.to_numeric(rows["kv_heads"]).fillna(heads).astype("Int64")
+    layout = rows["layout"].astype(str).fillna(DENSE)  # str: a column of no value at all reads as float
+    decode = rows["mode"].eq(DECODE)
+    count = pd.to_numeric(rows["doc_count"]).astype("Int64").astype(str)
+    seed = pd.to_numeric(rows["doc_seed"]).fillna(0).astype("Int64")
+    documents = (rows["doc_distribution"].astype(str) + (" ×" + count).where(~decode, "")
+                 + (", seed " + seed.astype(str)).where(seed.ne(0), "")).where(layout.ne(DENSE), "")
+    name = layout.where(~(decode & layout.eq(PACKED)), "ragged")
+    arrangement = (name + " (" + documents + ")").where(layout.ne(DENSE), DENSE)
+    return {"kv_heads": kv_heads, "layout": layout, "documents": documents, "arrangement": arrangement}
 
 
 def panel_columns(ok: pd.DataFrame) -> list[str]:
@@ -143,7 +365,7 @@ def panel_columns(ok: pd.DataFrame) -> list[str]:
 def panel_title(key: dict) -> str:
     parts = [str(key["mode"]), "causal" if key["causal"] else "non-causal", str(key["dtype"]),
              f"d={key['head_dim']}"]
-    parts += [f"{c.removesuffix('_name')}={key[c]}" if c == "device_name" else f"{c}={key[c]}"
+    parts += [str(key[c]) if c in BARE_COLUMNS else f"{c.removesuffix('_name')}={key[c]}"
               for c in key if c not in PANEL_COLUMNS]
     return " · ".join(parts)
 
@@ -165,31 +387,32 @@ def aggregate(ok: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     """One row per (panel, series, seq_len): medians over repeated rows (several runs given), a
     point is noisy (or launch-bound) when any of its rows is. Everything plotted is drawn from this,
     never from rows."""
+    measured = ("pct_peak", "cache_bytes", "bytes_moved", "gbps", "pct_bandwidth")
     frame = ok.assign(noisy=ok["noisy"].eq(True), launch_bound=ok["launch_bound"].eq(True),
-                      **{c: pd.to_numeric(ok[c]) for c in ("pct_peak", "cache_bytes", "gbps", "pct_bandwidth")})
+                      **{c: pd.to_numeric(ok[c]) for c in measured})
     grouped = frame.groupby([*columns, "series", "family", "seq_len"], dropna=False, sort=True)
     # Split columns that are not panel keys take one value per point (that is why they are not keys).
-    single = {c: (c, "first") for c in SPLIT_COLUMNS if c not in columns}
+    single = {c: (c, "first") for c in (*SPLIT_COLUMNS, *DOCUMENT_COLUMNS) if c not in columns}
     medians = {c: (c, "median") for c in ("time_ms", "time_ms_p20", "time_ms_p80", "peak_mem_bytes", "tflops",
-                                          "pct_peak", "cache_bytes", "gbps", "pct_bandwidth")}
+                                          *measured)}
     agg = grouped.agg(**medians, noisy=("noisy", "any"), launch_bound=("launch_bound", "any"),
                       rows=("time_ms", "size"), devices=("device_name", "nunique"), **single)
     return agg.reset_index()
 
 
 def choose_panels(agg: pd.DataFrame, columns: Sequence[str]) -> tuple[pd.DataFrame, Panels]:
-    """Label every aggregated row with its panel title; keep the MAX_PANELS panels with most points."""
+    """Label every aggregated row with its panel title; the MAX_PANELS panels with most points are drawn."""
     if agg.empty:
         return agg.assign(panel=pd.Series(dtype=str)), Panels(list(columns), [], [])
     keys = agg[list(columns)].drop_duplicates()
     titles = [panel_title(dict(zip(columns, k, strict=True))) for k in keys.itertuples(index=False)]
     keys = keys.assign(panel=titles)
-    counts = agg.merge(keys, on=list(columns)).groupby("panel").size()
+    labelled = agg.merge(keys, on=list(columns))
+    counts = labelled.groupby("panel").size()
     keys = keys.assign(points=keys["panel"].map(counts), order=keys["mode"].map(MODE_ORDER).fillna(9))
     # Drawing order: modes fwd, bwd, fwd_bwd, then the other columns; ties in coverage keep it.
     keys = keys.sort_values(["order", *columns], kind="stable", ignore_index=True)
     kept = keys.sort_values("points", ascending=False, kind="stable").head(MAX_PANELS).sort_index()
-    labelled = agg.merge(kept[[*columns, "panel"]], on=list(columns))
     omitted = keys[~keys["panel"].isin(kept["panel"])]
     return labelled, Panels(list(columns), list(kept["panel"]), list(omitted["panel"]))
 
@@ -211,13 +434,15 @@ def baseline_mask(frame: pd.DataFrame, baseline: str | None) -> pd.Series:
     return frame["series"].eq(baseline) if baseline else frame["family"].eq(BASELINE_FAMILY)
 
 
-def best_per_point(agg: pd.DataFrame, mask: pd.Series, prefix: str) -> pd.DataFrame:
-    """At each (panel, seq_len): the fastest series of ``agg[mask]`` and the leanest one, with values.
+def best_per_point(agg: pd.DataFrame, mask: pd.Series, prefix: str,
+                   index: Sequence[str] = ("panel", "seq_len")) -> pd.DataFrame:
+    """At each ``index`` (a point: panel and seq_len): the fastest series of ``agg[mask]`` and the
+    leanest one, with values.
 
     Columns ``{prefix}_time``, ``{prefix}_time_series``, ``{prefix}_noisy``, ``{prefix}_launch_bound``,
     ``{prefix}_mem``, ``{prefix}_mem_series``."""
     subset = agg[mask]
-    index = ["panel", "seq_len"]
+    index = list(index)
     if subset.empty:
         columns = [f"{prefix}_{c}" for c in ("time", "time_series", "noisy", "launch_bound", "mem", "mem_series")]
         return pd.DataFrame(columns=index + columns)
@@ -409,7 +634,8 @@ def profiled_points(kernel: pd.DataFrame, folders: Mapping[str, str]) -> pd.Data
     for key, group in rows.groupby("key", sort=False):
         first = group.iloc[0]
         point = {c: first[c] for c in PANEL_COLUMNS} | {"n": f"{first['seq_len']:,}", "batch": first["batch"],
-                                                        "heads": first["heads"]}
+                                                        "heads": first["heads"], "kv_heads": first["kv_heads"],
+                                                        "arrangement": first["arrangement"]}
         found[key] = {"series": first["series"], "point": panel_title(point),
                       "time_ms": group.loc[group["status"] == "ok", "time_ms"].median()}
     table = pd.DataFrame([{"key": key, "series": None, "point": None, "time_ms": None, **found.get(key, {}),
@@ -510,12 +736,62 @@ def _flagged(column: str, *timings: Timings) -> int:
     return sum(int(t.agg[column].sum()) for t in timings)
 
 
-def summary(kernel: pd.DataFrame, full: Timings, decode: Timings, baseline: str | None) -> list[str]:
+def _ratio_clause(time: float, mem: float, of: str) -> str:
+    """"0.42× the time and 0.55× the memory of ``of``", the memory left out where it is unknown."""
+    return f"{times(time)} the time" + (f" and {times(mem)} the memory" if pd.notna(mem) else "") + f" of {of}"
+
+
+def gqa_leader(points: pd.DataFrame) -> pd.Series | None:
+    """The grouped point at the largest n and the largest GQA ratio of ``points`` whose time falls most
+    against its multi-head point (a clean timing first, as best_point chooses)."""
+    largest = at_largest(points, ["panel"])
+    return best_point(largest[largest["gqa_ratio"] == largest["gqa_ratio"].max()], "time_ms_vs_mha", "min", True)
+
+
+def _gqa_sentence(points: pd.DataFrame, panel: str) -> str:
+    """A grouped-heads panel's headline (``points``: its rows of grouped_heads)."""
+    best = gqa_leader(points)
+    against = _ratio_clause(best["time_ms_vs_mha"], best["peak_mem_bytes_vs_mha"], "its multi-head point")
+    text = (f"Grouped-query heads ({panel}): at heads ÷ kv_heads = {best['gqa_ratio']:g} and "
+            f"n={best['seq_len']:,}, {best['series']} takes {against}")
+    if pd.notna(best["cache_bytes_vs_mha"]):
+        text += f" and keeps {times(best['cache_bytes_vs_mha'])} its cache"
+    return text + _full_stop(best["noisy"])
+
+
+def _layout_sentence(compared: ByLayout, panel: str) -> str:
+    """A layout panel's headline: per family group at its largest n, the best of the first layout against
+    the best of each other one."""
+    first, *others = compared.layouts
+    length = "a mean cache length of n=" if compared.decode else "n="
+    clauses = []
+    for group, rows in compared.families[compared.families["panel"] == panel].groupby("group", sort=False):
+        best = rows.loc[rows["seq_len"].idxmax()]
+        against = [_ratio_clause(best[f"time_vs_{other}"], best[f"mem_vs_{other}"],
+                                 f"the best {compared.word(other)} one")
+                   for other in others if pd.notna(best[f"time_vs_{other}"])]
+        noisy = " (noisy)" if best["noisy"] else ""
+        clauses.append(f"the best {compared.word(first)} {group} impl takes {' and '.join(against)} at "
+                       f"{length}{best['seq_len']:,}{noisy}")
+    what = "Ragged decode beside uniform" if compared.decode else "Packed documents against padding"
+    return f"{what} ({panel}): {'; '.join(clauses)}."
+
+
+def _shape_sentences(shapes: Shapes) -> list[str]:
+    """The headlines of the first panels of grouped heads and of layouts."""
+    sentences = [_gqa_sentence(rows, panel) for gqa in shapes.gqa
+                 for panel, rows in gqa.panels.split(gqa.points)[:SUMMARY_PANELS]]
+    return sentences + [_layout_sentence(compared, panel) for compared in (shapes.packed, shapes.ragged)
+                        for panel in compared.panels.titles[:SUMMARY_PANELS]]
+
+
+def summary(kernel: pd.DataFrame, full: Timings, decode: Timings, baseline: str | None,
+            shapes: Shapes) -> list[str]:
     """The headline paragraph, as sentences written from the data of every mode: for the first panels
     of full-sequence calls, the best series at the largest length that has a baseline and where series
     overtake standard attention; for the first decode panels, the best step against the best standard
-    one at the largest cache length and the same crossovers; then what ran, what went wrong and what
-    is flagged, over every kernel row."""
+    one at the largest cache length and the same crossovers; for the first panels of grouped heads and
+    layouts, their headlines; then what ran, what went wrong and what is flagged, over every kernel row."""
     against = "the chosen baseline" if baseline else "the best baseline"
     sentences = []
     for panel in full.panels.titles[:SUMMARY_PANELS]:
@@ -531,6 +807,7 @@ def summary(kernel: pd.DataFrame, full: Timings, decode: Timings, baseline: str 
         sentences += _crossover_sentence(decode.fits, panel, "step")
     if len(decode.agg) and leaders.empty:
         sentences.append(NO_DECODE_RATIO)
+    sentences += _shape_sentences(shapes)
     if full.agg.empty and decode.agg.empty:
         sentences.append("No kernel point ran successfully.")
     bad = int((kernel["status"] != "ok").sum())

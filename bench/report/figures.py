@@ -388,6 +388,30 @@ def decode_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Sequenc
     return _svg(canvas.fig)
 
 
+# Against multi-head: (ratio column of analysis.grouped_heads, y label, title, timed).
+GQA_PLOTS = (("time_ms_vs_mha", "time ÷ multi-head time", "Time", True),
+             ("peak_mem_bytes_vs_mha", "peak memory ÷ multi-head", "Peak memory", False),
+             ("cache_bytes_vs_mha", "cache ÷ multi-head cache", "Cache", False))
+
+
+@_styled
+def gqa_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Sequence[str]) -> str:
+    """Time, peak memory and (decode steps) cache of each series ÷ its multi-head point's, against the GQA
+    ratio heads ÷ kv_heads on a log₂ axis (1 = multi-head), log y with 1 marked; plots without a value
+    are left out."""
+    plots = [plot for plot in GQA_PLOTS if data[plot[0]].notna().any()]
+    labels = [_text(s) for s in _drawn(data, order)]
+    canvas, axes = _line_canvas(labels, len(plots), PLOT_WIDTH, LEFT)
+    handles = {}
+    for ax, (column, _, _, timed) in zip(axes, plots, strict=True):
+        handles |= _series_lines(ax, data, column, style_of, timed, x="gqa_ratio")
+        ax.axhline(1, color="#888888", linewidth=0.8, zorder=1)
+    _log_log([(ax, label, title) for ax, (_, label, title, _) in zip(axes, plots, strict=True)], data["gqa_ratio"],
+             "heads ÷ kv_heads (1 = multi-head)")
+    canvas.legend(*_legend_entries(handles, order))
+    return _svg(canvas.fig)
+
+
 @_styled
 def accumulation_figure(data: pd.DataFrame, style_of: dict[str, Style], order: Sequence[str]) -> str:
     """Step time (median, p20–p80 bars) and peak memory of one training step against the number of

@@ -7,9 +7,12 @@ The page is a list of section builders (SECTIONS); each takes the prepared Repor
 Section, or None when it has nothing to show. Kernel sections draw from rows whose kind is
 "kernel" and are left out when there are none; a kernel section about one kind of call (full-sequence
 calls, or decode steps) says so in one line when none of that kind ran ok, so that no section
-draws nothing or claims there is nothing while the other kind has data. Training sections (kind
-"train", one grid per study) are left out when no study varies what they are about. Profile links
-point at local files only, relative to the report's folder.
+draws nothing or claims there is nothing while the other kind has data. The grouped-heads and
+layouts sections are left out unless a run varies heads ÷ kv_heads, or has packed and padded points
+(decoding: a ragged batch beside a padded or uniform one), and say so in one line where it does but
+nothing ran ok to compare. Training sections (kind "train", one grid per study) are left out when no
+study varies what they are about. Profile links point at local files only, relative to the report's
+folder.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader
 from markupsafe import Markup
 
+from variants.layouts import PACKED, PADDED
 from variants.registry import DECODE
 
 from .. import __version__
@@ -49,6 +53,7 @@ class Report:
     train: pd.DataFrame  # kind == "train", with ``series`` and ``study`` columns
     studies: list[training.Study]
     decode: analysis.Timings  # ok decode steps, aggregated the same way
+    shapes: analysis.Shapes  # grouped heads and layouts compared across panels, of both
     profiles: Mapping[str, str] = field(default_factory=dict)  # point key -> profile folder
     links_from: Path | None = None  # the report's folder: local links are relative to it
 
@@ -89,10 +94,10 @@ def prepare(rows: pd.DataFrame, baseline: str | None = None, profiles: Mapping[s
     families = kernel[["series", "family"]].drop_duplicates("series")
     family_of = figures.legend_order(families["series"], families["family"])
     train = training.train_rows(rows)
-    return Report(rows=rows, kernel=kernel, full=analysis.timings(ok[~decoding], chosen), baseline=chosen,
-                  style_of=figures.styles(family_of, chosen), order=list(family_of), train=train,
-                  studies=training.studies(train), decode=analysis.timings(ok[decoding], chosen),
-                  profiles=dict(profiles or {}), links_from=links_from)
+    full, decode = analysis.timings(ok[~decoding], chosen), analysis.timings(ok[decoding], chosen)
+    return Report(rows=rows, kernel=kernel, full=full, baseline=chosen, style_of=figures.styles(family_of, chosen),
+                  order=list(family_of), train=train, studies=training.studies(train), decode=decode,
+                  shapes=analysis.shapes(full, decode), profiles=dict(profiles or {}), links_from=links_from)
 
 
 # --- templates -----------------------------------------------------------------------------------
@@ -192,21 +197,45 @@ def _ok_of(rows: pd.DataFrame) -> str:
     return f"{int((rows['status'] == 'ok').sum()):,} / {len(rows):,}"
 
 
+def _card(best: pd.Series | None, column: str, what: str, who: Callable[[pd.Series], str]) -> list[dict]:
+    """The card of a ratio at its best point (none where there is no point): the value, what it is,
+    whose (``who`` of the point) and where."""
+    if best is None:
+        return []
+    return [{"value": analysis.times(best[column]),
+             "label": f"{what}: {who(best)}, {best['panel']}, n={best['seq_len']:,}"}]
+
+
+def _ratio_cards(report: Report) -> list[dict]:
+    """The cards of the summary's headlines: the best speed-up and memory ratio against the baseline and
+    decode step against the best standard one; and where they ran, grouped heads against multi-head
+    heads, packed documents against padding and a ragged decode batch against a padded one."""
+    cards = []
+    for ratio, column, better, what in ((report.full.ratio, "speedup", "max", "best speed-up"),
+                                        (report.full.ratio, "mem_ratio", "min", "leanest memory ratio"),
+                                        (analysis.decode_leaders(report.decode), "speedup", "max",
+                                         "best decode step speed-up")):
+        best = analysis.best_point(ratio, column, better, timed=column == "speedup")
+        cards += _card(best, column, what, lambda b: b["series"])
+    grouped = pd.concat([gqa.points for gqa in report.shapes.gqa], ignore_index=True)
+    cards += _card(analysis.gqa_leader(grouped) if len(grouped) else None, "time_ms_vs_mha",
+                   "grouped-query time ÷ multi-head time",
+                   lambda b: f"{b['series']} at heads ÷ kv_heads = {b['gqa_ratio']:g}")
+    for compared in (report.shapes.packed, report.shapes.ragged):
+        first, second = compared.layouts[:2]
+        column = f"time_vs_{second}"
+        cards += _card(analysis.best_point(compared.families, column, "min", True), column,
+                       f"{compared.word(first)} ÷ {compared.word(second)} time", lambda b: f"best {b['group']} impls")
+    return cards
+
+
 def overview_section(report: Report) -> Section:
     kernel, train = report.kernel, report.train
     summary, findings, cards = [], [], []
     if len(kernel):
-        summary += analysis.summary(kernel, report.full, report.decode, report.baseline)
+        summary += analysis.summary(kernel, report.full, report.decode, report.baseline, report.shapes)
         cards.append({"value": _ok_of(kernel), "label": "kernel points ok / measured"})
-        # The decode card is the best of the summary's decode headlines, each against the best standard step.
-        for ratio, column, better, what in ((report.full.ratio, "speedup", "max", "best speed-up"),
-                                            (report.full.ratio, "mem_ratio", "min", "leanest memory ratio"),
-                                            (analysis.decode_leaders(report.decode), "speedup", "max",
-                                             "best decode step speed-up")):
-            best = analysis.best_point(ratio, column, better, timed=column == "speedup")
-            if best is not None:
-                cards.append({"value": analysis.times(best[column]),
-                              "label": f"{what}: {best['series']}, {best['panel']}, n={best['seq_len']:,}"})
+        cards += _ratio_cards(report)
     if len(train):
         findings = training.summary(report.studies)
         studies = _count(len(report.studies), "study", "studies")
@@ -247,10 +276,11 @@ def throughput_section(report: Report) -> Markup:
     items, sources = [], set()
     for title, data in full.panels.split(full.agg):
         first = data.iloc[0]
-        # A point aggregated over several devices matches no device's published figures.
+        # A point aggregated over several devices matches no device's published figures, nor does a
+        # grouped-head or packed one (they are multi-head and dense).
         devices = set(data["device_name"].dropna()) if data["devices"].max() <= 1 else set()
         refs = reference.matching(devices, first["mode"], bool(first["causal"]), int(first["head_dim"]),
-                                  first["dtype"])
+                                  first["dtype"]) if analysis.plain_shape(data) else []
         sources |= {r.source for r in refs}
         peak = analysis.device_peak(data)
         items.append((title, Markup(figures.throughput_figure(data, report.style_of, report.order, refs, peak))))
@@ -279,6 +309,103 @@ def decode_section(report: Report) -> Markup:
         svg = Markup(figures.decode_figure(data, report.style_of, report.order, analysis.device_bandwidth(data)))
         items.append({"title": title, "svg": svg, "rows": _records(report.in_order(table[table["panel"] == title]))})
     return _render("decode.html.j2", items=items, styles=report.style_of, omitted=decode.panels.omitted)
+
+
+def _no_gqa(report: Report) -> str | None:
+    """The grouped-heads section's line where the run varies the GQA ratio but no series ran ok both
+    with grouped heads and multi-head at one shape and n."""
+    if any(len(gqa.points) for gqa in report.shapes.gqa) or not analysis.gqa_varies(report.kernel):
+        return None
+    return ("The run varies heads ÷ kv_heads, but no series ran ok both with grouped and with multi-head "
+            "heads at one shape and length, so there is nothing to compare (see Problems).")
+
+
+@_kernel_section("gqa", "Grouped-query heads", _no_gqa)
+def gqa_section(report: Report) -> Markup | None:
+    items, omitted = [], []
+    for gqa in report.shapes.gqa:
+        largest = analysis.at_largest(gqa.points, ["panel", "series"]).sort_values("gqa_ratio", kind="stable")
+        for title, data in gqa.panels.split(largest):
+            items.append({"title": title, "svg": Markup(figures.gqa_figure(data, report.style_of, report.order)),
+                          "rows": _records(report.in_order(data)), "cache": data["cache_bytes"].notna().any()})
+        omitted += gqa.panels.omitted
+    return _render("gqa.html.j2", items=items, styles=report.style_of, omitted=omitted) if items else None
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a layout table: its header, the value's key and how it is written (template
+    layouts.html.j2: name, ms, bytes or ratio)."""
+
+    header: str
+    key: str
+    kind: str
+
+
+METRIC_TEXT = {"time_ms": ("time", "ms"), "peak_mem_bytes": ("peak memory", "bytes"),
+               "cache_bytes": ("cache", "bytes"), "bytes_moved": ("bytes moved", "bytes")}
+
+
+def _series_columns(compared: analysis.ByLayout, layouts: list[str]) -> list[Column]:
+    """Per metric: each of ``layouts``' values, then the first one's ratio to each other one."""
+    first, *others = layouts
+    columns = []
+    for metric in compared.metrics:
+        what, kind = METRIC_TEXT[metric]
+        columns += [Column(f"{what} {compared.word(layout)}", metric if layout == first else f"{layout}_{metric}", kind)
+                    for layout in layouts]
+        columns += [Column(f"{compared.word(first)} ÷ {compared.word(other)}", f"{metric}_vs_{other}", "ratio")
+                    for other in others]
+    return columns
+
+
+def _family_columns(compared: analysis.ByLayout, layouts: list[str]) -> list[Column]:
+    """Per measure (the fastest, the leanest): each of ``layouts``' best series and its value, then the
+    first one's ratio to each other one."""
+    first, *others = layouts
+    columns = []
+    for what, key, kind in (("fastest", "time", "ms"), ("leanest", "mem", "bytes")):
+        for layout in layouts:
+            columns += [Column(f"{what} {compared.word(layout)}", f"{layout}_{key}_series", "name"),
+                        Column("time" if key == "time" else "peak memory", f"{layout}_{key}", kind)]
+        columns += [Column(f"{compared.word(first)} ÷ {compared.word(other)}", f"{key}_vs_{other}", "ratio")
+                    for other in others]
+    return columns
+
+
+def _layout_part(report: Report, compared: analysis.ByLayout) -> dict | None:
+    """One part of the layouts section (full-sequence calls or decode steps): per drawn panel its
+    documents, the family table at every n and the series table at each series' largest n."""
+    if not compared.panels.titles:
+        return None
+    # Only the layouts that ran (decoding, a ragged batch may stand beside uniform ones only).
+    layouts = [layout for layout in compared.layouts if compared.families[f"{layout}_time"].notna().any()]
+    items = []
+    for title in compared.panels.titles:
+        points = compared.points[compared.points["panel"] == title]
+        items.append({"title": title, "documents": compared.documents[title],
+                      "families": _records(compared.families[compared.families["panel"] == title]),
+                      "series": _records(report.in_order(analysis.at_largest(points, ["series"])))})
+    return {"items": items, "series_columns": _series_columns(compared, layouts),
+            "family_columns": _family_columns(compared, layouts), "omitted": compared.panels.omitted}
+
+
+def _no_layouts(report: Report) -> str | None:
+    """The layouts section's line where packed and padded points ran but none ok beside each other."""
+    shapes = report.shapes
+    if shapes.packed.panels.titles or shapes.ragged.panels.titles or \
+            not {PACKED, PADDED} <= set(report.kernel["layout"]):
+        return None
+    return ("The run has packed and padded points, but none of one shape and length ran ok in both layouts, "
+            "so there is nothing to compare (see Problems).")
+
+
+@_kernel_section("layouts", "Packed documents against padding", _no_layouts)
+def layouts_section(report: Report) -> Markup | None:
+    full, decode = _layout_part(report, report.shapes.packed), _layout_part(report, report.shapes.ragged)
+    if full is None and decode is None:
+        return None
+    return _render("layouts.html.j2", full=full, decode=decode, styles=report.style_of)
 
 
 def _href(path: Path, base: Path | None) -> str:
@@ -370,7 +497,8 @@ def problems_section(report: Report) -> Section:
 
 
 SECTIONS: list[SectionBuilder] = [overview_section, scaling_plots_section, ratios_section, exponents_section,
-                                  throughput_section, decode_section, quality_section, profiles_section,
+                                  throughput_section, decode_section, gqa_section, layouts_section,
+                                  quality_section, profiles_section,
                                   train_quality_section,
                                   accumulation_section, sharing_section, gelu_section, problems_section]
 

@@ -2,8 +2,9 @@
 drawn as reference lines, and the GELU approximations' errors shown beside the measured ones.
 
 Each curve is drawn only in a panel it applies to — a device model it holds for (matched in the run's
-device_name, as bench.env matches peaks), the same mode, causal, head dim and a 16-bit dtype — and its
-legend entry names the device it was measured on and the source. H100 figures hold for the H200 too:
+device_name, as bench.env matches peaks), the same mode, causal, head dim and a 16-bit dtype, and
+multi-head attention on a dense batch (the report keeps them off grouped-head and packed panels) — and
+its legend entry names the device it was measured on and the source. H100 figures hold for the H200 too:
 the same SMs at the same clocks (989.4 dense BF16 TFLOP/s for both), the H200 has more and faster
 memory, which compute-bound attention does not need. All figures use the FlashAttention benchmark convention: batch = 16384 / n,
 hidden 2048, forward FLOPs 4·n²·d·heads·batch (halved when causal), backward 2.5 × forward.
