@@ -342,3 +342,14 @@ def test_the_decode_layouts_of_a_point_are_those_its_sequences_give():
                            documents=Documents("uniform", seed=2))
     layout = layouts.layout_of(point)
     assert [row[0] for row in layout.lengths] == layouts.sequences(point) and len(layout.lengths) == 5
+
+
+def test_a_grouped_padded_decode_point_is_measured():
+    from bench.measure import MeasureSettings, measure
+
+    entry = variants.get("standard/eager")
+    point = variants.Point(batch=3, heads=4, kv_heads=1, seq_len=96, head_dim=16, causal=True, mode="decode",
+                           layout=PADDED, documents=Documents("uniform", seed=1), q_len=2, params=entry.resolve())
+    row = measure(entry, point, MeasureSettings(warmup_s=0, target_s=0.01, min_reps=3, max_reps=5))
+    assert row["status"] == "ok" and row["err_ref"] < 1e-5, row.get("reason")
+    assert row["cache_bytes"] == 2 * 1 * 16 * 4 * 3 * max(layouts.sequences(point))  # K, V of one KV head, padded
