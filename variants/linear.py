@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .decode import Decoder
-from .layouts import sum_over_sequences
+from .decode import Decoder, prefix_lengths
+from .layouts import DENSE, PACKED, PADDED, Layout, grouped, sum_over_sequences, ungrouped
 from .registry import Capabilities, Entry, Point, ceil_div, register
 
 EPS = 1e-6  # keeps rows whose similarities are all zero (possible with relu) finite: they output 0
@@ -210,9 +210,10 @@ def _flops(fmap: FeatureMap, work: Callable[..., float]):
 
 @dataclass
 class LinearState:
-    """What a linear entry keeps of a prefix, at least float32: Σφ(k)vᵀ (b, h, f, d) and Σφ(k)
-    (b, h, f), with the stabiliser its key features are relative to (Performer; else None); and
-    where a step writes the state after its new tokens (the prefix's is left as it was)."""
+    """What a linear entry keeps of each sequence's prefix, per KV head, at least float32: Σφ(k)vᵀ
+    (b, kv_heads, f, d) and Σφ(k) (b, kv_heads, f), with the stabiliser its key features are relative
+    to (Performer; else None); and where a step writes the state after its new tokens (the prefix's
+    is left as it was)."""
 
     kv: torch.Tensor
     z: torch.Tensor
@@ -228,24 +229,40 @@ def _key_features(fmap: FeatureMap, k: torch.Tensor, stabiliser: torch.Tensor | 
     return fmap.stabilised_key(k, stabiliser, **_map_params(fmap, params))
 
 
+def _prefix_state(fmap: FeatureMap, k: torch.Tensor, v: torch.Tensor,
+                  params: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Σφ(k)vᵀ, Σφ(k) and the stabiliser of one prefix."""
+    fk, stabiliser = _key_features(fmap, k, None, params)
+    acc = torch.promote_types(v.dtype, torch.float32)
+    return (fk.transpose(-2, -1) @ v).to(acc), fk.sum(-2).to(acc), stabiliser
+
+
 def _state_bytes(fmap: FeatureMap, point: Point) -> int:
+    """One state per sequence and KV head, whatever the sequence's length."""
     f = fmap.width(point.head_dim, **_map_params(fmap, dict(point.params)))
     acc = torch.promote_types(point.torch_dtype, torch.float32)
     per_head = (f * point.head_dim + f) * acc.itemsize
-    return point.batch * point.heads * per_head
+    return point.batch * point.n_kv_heads * per_head
+
+
+# A state has a fixed size, so a ragged batch needs no padding: packed and padded run alike.
+LINEAR_LAYOUTS = {DENSE: "", PACKED: ", one state per sequence", PADDED: ", one state per sequence (nothing to pad)"}
 
 
 def linear_decoder(fmap: FeatureMap) -> Decoder:
     """The recurrent form: the state updated by the new tokens, then read out (causally among
-    several new tokens)."""
-    def prefill(k: torch.Tensor, v: torch.Tensor, *, q_len: int, **params) -> LinearState:
-        fk, stabiliser = _key_features(fmap, k, None, params)
-        acc = torch.promote_types(v.dtype, torch.float32)
-        kv, z = (fk.transpose(-2, -1) @ v).to(acc), fk.sum(-2).to(acc)
+    several new tokens) by each KV head's query group, folded into its rows."""
+    def prefill(k: torch.Tensor, v: torch.Tensor, *, q_len: int, layout: Layout | None = None,
+                **params) -> LinearState:
+        # Each sequence's own prefix (and Performer's stabiliser of it alone); a batched step after.
+        states = [_prefix_state(fmap, k[i:i + 1, :, :n], v[i:i + 1, :, :n], params)
+                  for i, n in enumerate(prefix_lengths(k, layout))]
+        kv, z, stabiliser = (None if parts[0] is None else torch.cat(parts) for parts in zip(*states, strict=True))
         return LinearState(kv, z, stabiliser, torch.empty_like(kv), torch.empty_like(z))
 
     def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState, **params) -> torch.Tensor:
-        fq = fmap.query(q, **_map_params(fmap, params))
+        heads, kv_heads, q_len = q.shape[1], k.shape[1], q.shape[2]
+        fq = grouped(fmap.query(q, **_map_params(fmap, params)), kv_heads)
         fk, stabiliser = _key_features(fmap, k, state.stabiliser, params)
         kv, z = state.kv, state.z
         # New keys may raise the stabiliser: the prefix's sums are relative to the old one, so they
@@ -254,25 +271,27 @@ def linear_decoder(fmap: FeatureMap) -> Decoder:
             torch.exp(state.stabiliser - stabiliser).to(kv.dtype)
         torch.addcmul((fk.transpose(-2, -1) @ v).to(kv.dtype), kv, rescale, out=state.next_kv)
         torch.addcmul(fk.sum(-2).to(z.dtype), z, rescale[..., 0] if rescale.ndim else rescale, out=state.next_z)
-        inside = (fq @ fk.transpose(-2, -1)).tril()  # the new tokens among themselves
+        # the new tokens among themselves, each group member's rows causal
+        inside = (fq @ fk.transpose(-2, -1)).unflatten(2, (heads // kv_heads, q_len)).tril().flatten(2, 3)
         numerator = (fq @ kv.to(fq.dtype)) * rescale.to(fq.dtype) + inside @ v
         normaliser = (fq @ z.to(fq.dtype).unsqueeze(-1)) * rescale.to(fq.dtype) + inside.sum(-1, keepdim=True)
-        return numerator / (normaliser + EPS)
+        return ungrouped(numerator / (normaliser + EPS), heads)
 
     def bytes_moved(point: Point) -> int:
-        tokens = 4 * point.batch * point.heads * point.q_len * point.head_dim * point.torch_dtype.itemsize
-        return 2 * _state_bytes(fmap, point) + tokens  # state read and written; q, k, v read, output written
+        # state read and written; q read and output written per query head, k and v read per KV head
+        tokens = 2 * point.batch * (point.heads + point.n_kv_heads) * point.q_len * point.head_dim
+        return 2 * _state_bytes(fmap, point) + tokens * point.torch_dtype.itemsize
 
     def flops(point: Point) -> float:
         d, q = point.head_dim, point.q_len
         f = fmap.width(d, **_map_params(fmap, dict(point.params)))
-        # as the forward's state impls count (_work_state): 2·f·d to add a token to the state, 2·f·d
-        # to read it out; plus the new tokens among themselves
+        # as the forward's state impls count (_work_state), per query head: 2·f·d to add a token to
+        # the state, 2·f·d to read it out; plus the new tokens among themselves
         per_token = fmap.flops_per_token(d, **_map_params(fmap, dict(point.params))) + 4.0 * f * d
         return point.batch * point.heads * (q * per_token + 2.0 * q * q * (f + d))
 
     return Decoder(prefill, step, lambda point: _state_bytes(fmap, point), bytes_moved, flops,
-                   "eager recurrent state step")
+                   "eager recurrent state step", LINEAR_LAYOUTS)
 
 
 @dataclass(frozen=True)

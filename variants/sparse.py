@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from . import masks
-from .decode import Attend, Decoder, MaskOf, boolean_mask, kv_decoder
+from .decode import (
+    Attend,
+    Decoder,
+    MaskOf,
+    boolean_mask,
+    kv_decoder,
+    sdpa_attend,
+    xformers_attend,
+    xformers_mask_of,
+)
 from .layouts import sum_over_sequences
 from .merged import Part, Relation, Tiles, describe, merged_attention
 from .reference import softmax_attention
@@ -200,10 +209,6 @@ def local_xformers(q, k, v, *, causal: bool, window: int) -> torch.Tensor:
 
 # --- decoding: a KV cache of what the pattern can still reach ------------------------------------
 
-def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 def _local_window_bias(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> masks.BiasSpec | None:
     """A local decode step reads the window and the new tokens; several new tokens see them through
     xformers' own local bias, aligned bottom-right (the keys the plan reads end with them)."""
@@ -250,7 +255,7 @@ STRUCTURED = {
 for _sparsity, _defaults in PATTERN_DEFAULTS.items():
     # One decode path per pattern: every impl of it computes the same function, so keeps the same cache.
     _common = dict(family="sparse", reference=_reference(_sparsity), flops=sparse_flops(_sparsity),
-                   params=_defaults, decoder=_pattern_decoder(_sparsity, _masked_sdpa, "sdpa"))
+                   params=_defaults, decoder=_pattern_decoder(_sparsity, sdpa_attend, "sdpa"))
     register(Entry(_sparsity, "dense", forward=_dense(_sparsity),
                    kernel_name=lambda p: "sdpa with dense bool mask",
                    summary="SDPA with the dense boolean mask, O(n²) memory", **_common))
@@ -267,5 +272,6 @@ register(Entry(
     caps=Capabilities(requires=("xformers",), probe=lambda p: xformers_unsupported(
         p, _pattern("local", p.causal, dict(p.params)).xformers)),
     kernel_name=lambda p: xformers_kernel(p, _pattern("local", p.causal, dict(p.params)).xformers),
-    decoder=_pattern_decoder("local", xformers_attention, "xformers memory_efficient_attention", _local_window_bias),
+    decoder=_pattern_decoder("local", xformers_attend, "xformers memory_efficient_attention",
+                             xformers_mask_of(_local_window_bias)),
     summary="xformers memory_efficient_attention with its local attention bias"))

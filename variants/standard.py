@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,7 +16,17 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from .decode import Attend, Decoder, MaskOf, boolean_mask, eager_attend, kv_decoder
+from .decode import (
+    Attend,
+    Decoder,
+    MaskOf,
+    boolean_mask,
+    kv_decoder,
+    sdpa_attend,
+    trial_step,
+    xformers_attend,
+    xformers_mask_of,
+)
 from .layouts import (
     LAYOUTS,
     PACKED,
@@ -108,39 +119,53 @@ def _sdpa_kernel_name(backend: SDPBackend):
     return kernel
 
 
-@functools.lru_cache(maxsize=256)
-def _probe_sdpa(backend: SDPBackend, device: str, dtype: str, head_dim: int, causal: bool,
-                grad: bool, q_len: int | None, grouped: bool = False, padded: bool = False) -> str | None:
-    """Run the backend once on a tiny input of this kind (a decode step's shape when ``q_len``, two
-    query heads per KV head when ``grouped``, a key padding mask when ``padded``); its refusal (with
-    PyTorch's warnings, which carry the real reasons) is the reason it is not supported."""
-    x = torch.zeros(1, 1, 16, head_dim, device=device, dtype=getattr(torch, dtype), requires_grad=grad)
-    queries = x.expand(1, 2, 16, head_dim) if grouped else x
-    # A decode step: q_len new queries against the cache and themselves, masked as the step masks.
-    q = queries[:, :, :q_len] if q_len else queries
-    mask = torch.ones(q.shape[-2], 16, dtype=torch.bool, device=device).tril(16 - q.shape[-2])
-    bias = _decode_mask_of(backend)(mask, x, {}) if q_len and q_len > 1 else None
-    if padded:
-        bias = Layout(PADDED, ((9,), (16,))).key_mask(causal, device)[:1, :, :q.shape[-2]]  # 9 of 16 keys real
+def _refusal(backend: SDPBackend, run: Callable[[], Any]) -> str | None:
+    """``run``'s refusal (with PyTorch's warnings, which carry the real reasons) as the reason the
+    backend does not support this kind of input; None when it ran."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q, x, x, attn_mask=bias, enable_gqa=grouped,
-                                                     is_causal=causal and not q_len and not padded)
-            if grad:
-                out.sum().backward()
+            run()
             return None
         except RuntimeError as exc:
             why = "; ".join(str(w.message) for w in caught if "Warning" in w.category.__name__)
             return condense(f"SDPA backend {backend.name} unavailable: {why or exc}")
 
 
+@functools.lru_cache(maxsize=256)
+def _probe_sdpa(backend: SDPBackend, device: str, dtype: str, head_dim: int, causal: bool,
+                grad: bool, grouped: bool = False, padded: bool = False) -> str | None:
+    """Run the backend once on a tiny input of this kind (two query heads per KV head when
+    ``grouped``, a key padding mask when ``padded``)."""
+    x = torch.zeros(1, 1, 16, head_dim, device=device, dtype=getattr(torch, dtype), requires_grad=grad)
+    q = x.expand(1, 2, 16, head_dim) if grouped else x
+    bias = Layout(PADDED, ((9,), (16,))).key_mask(causal, device)[:1] if padded else None  # 9 of 16 keys real
+
+    def run() -> None:
+        with sdpa_kernel([backend]):
+            out = F.scaled_dot_product_attention(q, x, x, attn_mask=bias, enable_gqa=grouped,
+                                                 is_causal=causal and not padded)
+        if grad:
+            out.sum().backward()
+
+    return _refusal(backend, run)
+
+
+@functools.lru_cache(maxsize=256)
+def _probe_sdpa_step(backend: SDPBackend, device: str, dtype: str, head_dim: int, q_len: int, grouped: bool,
+                     layout: str) -> str | None:
+    """The backend's decoder run once on a tiny input of this kind: its step's own masks and grouping."""
+    return _refusal(backend, lambda: trial_step(_sdpa_decoder(backend), device, getattr(torch, dtype), head_dim,
+                                                q_len, grouped, layout))
+
+
 def _sdpa_probe(backend: SDPBackend):
     def probe(point: Point) -> str | None:
-        q_len = min(point.q_len, 15) if point.mode == DECODE else None
+        if point.mode == DECODE:
+            return _probe_sdpa_step(backend, point.device, point.dtype, point.head_dim, point.q_len, point.grouped,
+                                    point.layout)
         return _probe_sdpa(backend, point.device, point.dtype, point.head_dim, point.causal, point.needs_grad,
-                           q_len, point.grouped, point.layout == PADDED and point.mode != DECODE)
+                           point.grouped, point.layout == PADDED)
 
     return probe
 
@@ -153,12 +178,13 @@ _LOWER_RIGHT_NATIVE = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 
 
 def _decode_mask_of(backend: SDPBackend) -> MaskOf:
-    """Several new tokens see the cache and themselves up to the diagonal: the lower-right causal
-    triangle, built once per cache in the form the backend runs fastest."""
+    """Several new tokens see the cache and themselves up to the diagonal: one sequence's mask is the
+    lower-right causal triangle, built once per cache in the form the backend runs fastest. A padded
+    batch's differs in every row (its padding): boolean."""
     def mask_of(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> Any:
-        if mask is None or not (keys.is_cuda and backend in _LOWER_RIGHT_NATIVE):
+        if mask is None or mask.shape[0] > 1 or not (keys.is_cuda and backend in _LOWER_RIGHT_NATIVE):
             return mask
-        return causal_lower_right(*mask.shape)
+        return causal_lower_right(*mask.shape[-2:])
 
     return mask_of
 
@@ -166,9 +192,13 @@ def _decode_mask_of(backend: SDPBackend) -> MaskOf:
 def _sdpa_attend(backend: SDPBackend) -> Attend:
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any) -> torch.Tensor:
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            return sdpa_attend(q, k, v, bias)
 
     return attend
+
+
+def _eager_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return _eager_attention(q, k, v, False, mask)
 
 
 def _xformers_bias(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> BiasSpec | None:
@@ -179,6 +209,12 @@ def _decoder(attend: Attend, what: str, mask_of: MaskOf = boolean_mask) -> Decod
     return kv_decoder(lambda params: FULL_CAUSAL, attend, f"{what} over the KV cache", mask_of)
 
 
+@functools.cache
+def _sdpa_decoder(backend: SDPBackend) -> Decoder:
+    """The backend's decoder: its entry's, and the one its probe runs."""
+    return _decoder(_sdpa_attend(backend), f"sdpa:{backend.name}", _decode_mask_of(backend))
+
+
 # --- registration --------------------------------------------------------------------------------
 
 _SUMMARY = "softmax(QKᵀ/√d)V"
@@ -187,7 +223,7 @@ register(Entry("standard", "eager", "standard", eager, reference, dense_flops,
                caps=Capabilities(layouts=_PER_DOCUMENT, gqa=True),
                kernel_name=lambda p: "eager matmul+softmax+matmul"
                                      + {PACKED: " per document", PADDED: " with a key padding mask"}.get(p.layout, ""),
-               decoder=_decoder(eager_attend, "eager matmul+softmax"),
+               decoder=_decoder(_eager_attend, "eager matmul+softmax"),
                summary=f"{_SUMMARY}, explicit n×n scores"))
 
 _CUDA = frozenset({"cuda"})
@@ -199,7 +235,7 @@ for _impl, _backend, _caps in (
     register(Entry("standard", _impl, "baseline", _sdpa_forward(_backend), reference, dense_flops,
                    caps=Capabilities(**_caps, layouts=_PER_DOCUMENT, gqa=True, probe=_sdpa_probe(_backend)),
                    kernel_name=_sdpa_kernel_name(_backend),
-                   decoder=_decoder(_sdpa_attend(_backend), f"sdpa:{_backend.name}", _decode_mask_of(_backend)),
+                   decoder=_sdpa_decoder(_backend),
                    summary=f"{_SUMMARY} through torch SDPA restricted to {_backend.name}"))
 
 register(Entry("standard", "xformers", "baseline",
@@ -208,5 +244,5 @@ register(Entry("standard", "xformers", "baseline",
                caps=Capabilities(requires=("xformers",),
                                  probe=lambda p: xformers_unsupported(p, causal_bias(p.causal))),
                kernel_name=lambda p: xformers_kernel(p, causal_bias(p.causal)),
-               decoder=_decoder(xformers_attention, "xformers memory_efficient_attention", _xformers_bias),
+               decoder=_decoder(xformers_attend, "xformers memory_efficient_attention", xformers_mask_of(_xformers_bias)),
                summary=f"{_SUMMARY} through xformers memory_efficient_attention"))
