@@ -263,7 +263,7 @@ WORKLOADS: dict[str, Workload] = {
                                                      "runs outside it (pytorch#164302)"),
     "fwd_bwd": _kernel_workload(_fwd_bwd, 3.5),
     DECODE: Workload(_decode_call, _decode_outputs, lambda entry, point: entry.decoder.flops(point),
-                     lambda entry, point: entry.decoder.kernel, _decode_columns),
+                     lambda entry, point: entry.decoder.kernel_name(point), _decode_columns),
 }
 
 
@@ -292,14 +292,19 @@ _GATES: dict[str, Gate] = {}
 
 
 def check(entry: Entry, point: Point, check_len: int, device: Device | None = None) -> Gate:
-    """The point's output on a slice (1 batch, one KV head with its query group, the first ``check_len``
+    """The point's output on a slice (1 batch, at most two KV heads with their query groups, the first ``check_len``
     tokens, or that many before the new ones when decoding), and in ``bwd`` and ``fwd_bwd`` its q, k,
     v gradients too, against the entry's float64 reference, at the entry's tolerance for the dtype."""
     device = device or open_device(point.device)
-    # One KV head with its query group; enough tokens for the point's documents.
+    # Few KV heads with their query groups; enough tokens for the point's documents.
     group = point.heads // point.n_kv_heads
     length = max(check_len, point.documents.count if point.documents else 1)
-    small = replace(point, batch=1, heads=group, kv_heads=1 if point.grouped else None,
+    # A serving batch keeps its sequences, so that the gate sees each at its own length.
+    batch = point.batch if point.mode == DECODE and point.layout != layouts.DENSE else 1
+    # Grouped: two KV heads, as one would broadcast over any number of query heads and hide a kernel
+    # that ignores the groups.
+    kv_heads = min(2, point.n_kv_heads) if point.grouped else None
+    small = replace(point, batch=batch, heads=group * (kv_heads or 1), kv_heads=kv_heads,
                     seq_len=min(point.seq_len, length))
     key = json.dumps([entry.name, dataclasses.asdict(small)], sort_keys=True, default=str)
     if key not in _GATES:

@@ -156,7 +156,8 @@ def test_summary_has_the_point_measurements_agreement_and_files(eager):
     assert (s["variant"], s["impl"]) == ("standard", "eager")
     assert s["point"] | {"params": {}} == {"batch": 1, "heads": 4, "seq_len": 512, "head_dim": 64,
                                            "dtype": "float32", "device": "cpu", "causal": False,
-                                           "mode": "fwd", "params": {}, "q_len": 1}
+                                           "mode": "fwd", "params": {}, "q_len": 1, "kv_heads": None,
+                                       "layout": "dense", "documents": None}
     m = s["measured"]
     assert m["time_ms"] > 0 and m["reps"] >= 10 and m["peak_mem_bytes"] > 0
     assert m["flops"] == 4 * 1 * 4 * 512 * 512 * 64  # dense forward (backward would be 2.5×)

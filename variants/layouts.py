@@ -162,13 +162,16 @@ def sequences(point: Point) -> list[int]:
 
 
 def layout_of(point: Point) -> Layout | None:
-    """The :class:`Layout` a forward gets for this point (None when dense)."""
+    """The :class:`Layout` a forward gets for this point (None when dense); decoding, one sequence
+    per row, packed (each run at its own length) or padded."""
+    from .registry import DECODE  # the registry imports this module
+
     if point.layout == DENSE:
         return None
     documents = sequences(point)
-    if point.layout == PACKED:
+    if point.layout == PACKED and point.mode != DECODE:
         return Layout(PACKED, (tuple(documents),))
-    return Layout(PADDED, tuple((length,) for length in documents))
+    return Layout(point.layout, tuple((length,) for length in documents))
 
 
 def token_shape(point: Point) -> tuple[int, int]:

@@ -137,7 +137,7 @@ class Capabilities:
         if point.layout not in self.layouts and point.mode != DECODE:  # decoding layouts: the decoder's
             reasons.append(f"layout={point.layout} not supported" + (f": {self.layout_reason}" if self.layout_reason
                                                                     else f" (supported: {sorted(self.layouts)})"))
-        if point.grouped and not self.gqa:
+        if point.grouped and not self.gqa and point.mode != DECODE:  # every decoder groups (variants.decode)
             reasons.append(f"kv_heads={point.kv_heads} < heads={point.heads} (grouped-query) not supported: "
                            f"{self.gqa_reason}")
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]

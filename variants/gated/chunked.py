@@ -1,0 +1,84 @@
+"""Chunked forms of the gated and delta-rule recurrences (variants.gated.recurrence), in PyTorch:
+exact within each chunk by matrices, the state carried from chunk to chunk. The CPU impls of the
+family; the GPU runs fla's Triton kernels of the same chunked algorithms.
+
+Every exponent is a difference of cumulative log-decays taken later minus earlier, so ≤ 0: nothing
+here can overflow however long the chunk or strong the decay.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .recurrence import scaled
+
+
+def _chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``(b, h, n, …)`` zero-padded to whole chunks, as ``(b, h, chunks, chunk, …)``. A padded
+    position has k = v = β = g = 0: it changes no state, and its output is dropped."""
+    n = x.shape[2]
+    pad = -n % chunk
+    if pad:
+        widths = [0, 0] * (x.dim() - 3) + [0, pad]
+        x = F.pad(x, widths)
+    return x.unflatten(2, (-1, chunk))
+
+
+def _causal_decays(log_decay: torch.Tensor) -> torch.Tensor:
+    """``exp(Γ_i − Γ_j)`` for j ≤ i and 0 above the diagonal, Γ the cumulative log-decays in a chunk
+    (``(…, C)`` scalar per position, or ``(…, C, K)`` per channel: then ``(…, C, C, K)``)."""
+    per_channel = log_decay.dim() == 5  # (b, h, chunks, C, K)
+    gamma = log_decay.cumsum(dim=3)
+    diff = gamma[..., :, None, :] - gamma[..., None, :, :] if per_channel else gamma[..., :, None] - gamma[..., None, :]
+    size = gamma.shape[3]
+    above = torch.ones(size, size, dtype=torch.bool, device=gamma.device).triu(1)
+    return diff.masked_fill(above[..., None] if per_channel else above, float("-inf")).exp()
+
+
+def decay_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The decay recurrence, ``g`` per key channel ``(b, h, n, K)``."""
+    n = q.shape[2]
+    q, k, v, g = (_chunks(x, chunk) for x in (scaled(q), k, v, g))
+    gamma = g.cumsum(dim=3)  # (b, h, N, C, K)
+    within = torch.einsum("...ik,...jk,...ijk->...ij", q, k, _causal_decays(g))
+    out = within @ v
+    state = q.new_zeros((*q.shape[:2], q.shape[-1], v.shape[-1]))
+    carried = []
+    for c in range(q.shape[2]):
+        carried.append((q[:, :, c] * gamma[:, :, c].exp()) @ state)
+        last = gamma[:, :, c, -1]  # (b, h, K)
+        keys = k[:, :, c] * (last[:, :, None] - gamma[:, :, c]).exp()
+        state = last.exp()[..., None] * state + keys.transpose(-2, -1) @ v[:, :, c]
+    out = out + torch.stack(carried, dim=2)
+    return out.flatten(2, 3)[:, :, :n]
+
+
+def delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                  g: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """The (gated) delta rule by the WY representation. Within a chunk the corrections ``u_j`` (what
+    each token writes, ``β_j`` times what the state misses of ``v_j``) solve ``(I + L) u = β ⊙ (v − a ⊙ K S)``,
+    ``L_jl = β_j exp(Γ_j − Γ_l) k_jᵀk_l`` for l < j, ``a_j = exp(Γ_j)``, S the state carried in: one
+    unit-lower-triangular solve, split into its part from the chunk (all chunks at once, ``u_v``) and
+    its part from S (linear in it, ``W S``), so that only ``u = u_v − W S`` waits for the state."""
+    n = q.shape[2]
+    g = beta.new_zeros(beta.shape) if g is None else g
+    q, k = scaled(F.normalize(q, dim=-1)), F.normalize(k, dim=-1)
+    q, k, v, beta, g = (_chunks(x, chunk) for x in (q, k, v, beta, g))
+    decays = _causal_decays(g)  # (b, h, N, C, C): exp(Γ_i − Γ_j) on and below the diagonal
+    gamma = g.cumsum(dim=3)  # (b, h, N, C)
+    lower = beta[..., None] * decays * (k @ k.transpose(-2, -1))
+    system = torch.eye(k.shape[3], dtype=k.dtype, device=k.device) + lower.tril(-1)
+    solve = lambda rhs: torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)  # noqa: E731
+    u_from_chunk = solve(beta[..., None] * v)
+    w = solve((beta * gamma.exp())[..., None] * k)  # u's dependence on the carried state: u = u_v − W S
+    scores = (q @ k.transpose(-2, -1)) * decays
+    state = q.new_zeros((*q.shape[:2], q.shape[-1], v.shape[-1]))
+    out = []
+    for c in range(q.shape[2]):
+        u = u_from_chunk[:, :, c] - w[:, :, c] @ state
+        out.append(gamma[:, :, c].exp()[..., None] * (q[:, :, c] @ state) + scores[:, :, c] @ u)
+        last = gamma[:, :, c, -1]  # (b, h)
+        keys = k[:, :, c] * (last[..., None] - gamma[:, :, c]).exp()[..., None]
+        state = last.exp()[..., None, None] * state + keys.transpose(-2, -1) @ u
+    return torch.stack(out, dim=2).flatten(2, 3)[:, :, :n]
