@@ -256,8 +256,8 @@ def _parts_kernel(parts_of: PartsOf, tiles: str):
         parts = layout_parts(parts_of, n, point.causal, dict(point.params), layout)
         text = describe(parts, n, point.device, point.torch_dtype, point.head_dim, tiles)
         if layout is not None:
-            text += (f" in {len(layout.lengths[0])} packed documents" if layout.kind == PACKED
-                     else f" over {len(layout.lengths)} padded rows, no mask")
+            text += (f", in {len(layout.lengths[0])} packed documents" if layout.kind == PACKED
+                     else f", in {len(layout.lengths)} padded rows, no mask")
         if point.grouped:
             text += f", each of {point.heads // point.n_kv_heads} query heads per K/V head against K/V as they are"
         return text

@@ -92,6 +92,7 @@ def make_xformers_bias(spec: BiasSpec | None, device: torch.device | str | None 
     kwargs = dict(kwargs)
     if "q_seqlen" not in kwargs:
         return getattr(attn_bias, name)(**kwargs)
+    device = None if device is None else torch.device(device)  # xformers tells CPU by a device, not a string
     window = kwargs.pop("window_size", None)
     if window is None:
         return getattr(attn_bias, name).from_seqlens(**kwargs, device=device)
