@@ -359,6 +359,24 @@ def test_document_block_mask_equals_flex_attentions_own(causal, layout):
             assert torch.equal(getattr(ours, indices)[row, 0, used, :n], getattr(theirs, indices)[row, 0, used, :n])
 
 
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("sparsity, params", PATTERN_PARAMS)
+def test_document_blocks_from_offsets_equal_the_general_classifier(sparsity, params, causal):
+    """The blocks of a pattern of i − j only, read from the offsets within each document, are those
+    the general classifier finds by evaluating every pair: documents on, before and after block
+    edges, of length 1, and seeded random ones, packed and padded."""
+    gen = torch.Generator().manual_seed(len(PATTERN_PARAMS))
+    drawn = [tuple(torch.randint(1, high, (count,), generator=gen).tolist()) for count, high in ((6, 200), (12, 40))]
+    cases = [*BLOCK_EDGE_LAYOUTS, *(_packed(*lengths) for lengths in drawn), _padded(*drawn[0])]
+    pattern = masks.pattern(sparsity, causal, **params)
+    general = dataclasses.replace(pattern, relative=False)
+    for layout in cases:
+        full, partial = masks.document_block_classes(pattern, layout)
+        assert full.shape == (len(layout.lengths), -(-layout.width // masks.BLOCK), -(-layout.width // masks.BLOCK))
+        expected = masks.document_block_classes(general, layout)
+        assert torch.equal(full, expected[0]) and torch.equal(partial, expected[1]), layout
+
+
 def test_document_mask_names_carry_the_documents():
     pattern = masks.pattern("local", True, window=3)
     assert [m.__name__ for m in masks.document_masks(pattern, _packed(3, 1, 5))] == \
@@ -384,14 +402,16 @@ def test_document_masks_are_cached_by_layout_and_released():
     assert cache.bytes == 0 and masks.document_block_mask.bytes == 0
 
 
-def test_document_block_mask_stays_within_its_memory_bound():
-    """A packed row of 8192 tokens in 8 documents: rows of blocks chunk by chunk, never the n × n
-    grid (64 Mi pairs)."""
+@pytest.mark.parametrize("relative", [True, False], ids=["offsets", "general"])
+def test_document_block_mask_stays_within_its_memory_bound(relative):
+    """A packed row of 8192 tokens in 8 documents: never the n × n grid (64 Mi pairs). From the
+    offsets (a pattern of i − j only) it takes a few MiB; the general classifier, rows of blocks
+    chunk by chunk, at most CHUNK_PAIRS pairs at a time."""
     lengths = Documents("uniform", 8, seed=0).lengths(8192, 1)[0]
-    pattern = masks.pattern("local", True, window=256)
+    pattern = dataclasses.replace(masks.pattern("local", True, window=256), relative=relative)
     with LiveTensorBytes() as counter:
         built = masks.document_block_mask.fn(pattern, _packed(*lengths), "cpu")
-    assert counter.peak <= 256 << 20, f"{counter.peak / 2**20:.0f} MiB"
+    assert counter.peak <= (16 << 20 if relative else 256 << 20), f"{counter.peak / 2**20:.0f} MiB"
     assert built.kv_num_blocks.shape == (1, 1, 8192 // masks.BLOCK)
 
 

@@ -275,19 +275,57 @@ def block_mask(pattern_: Pattern, n: int, device: str) -> Any:
     return _block_mask(full[None], partial[None], mask_mod, n, device)
 
 
+def _documents_block_classes(pattern_: Pattern, lengths: tuple[int, ...], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, partial) blocks of one row of documents (``lengths`` back to back from 0, then padding
+    up to ``width`` as a document of its own) under the pattern ∧ same document, the pattern being
+    of i − j only. Per document, block (a, c) holds its rows R and keys C of that document, both
+    intervals, so the offsets i − j of their pairs are exactly the interval [min R − max C,
+    max R − min C]: some pair is allowed when the pattern allows an offset there (one prefix sum
+    over the 2·width − 1 offsets, each evaluated once), and the block is full when it lies inside
+    one document, is not cut by the row's end, and the pattern allows the whole interval."""
+    nb = -(-width // BLOCK)
+    offsets = torch.arange(2 * width - 1, dtype=torch.int32)  # δ + width − 1 for δ = i − j
+    allowed = pattern_.mask(offsets, torch.tensor(width - 1, dtype=torch.int32))
+    prefix = torch.nn.functional.pad(allowed.to(torch.int64).cumsum(0), (1, 0))
+    full = torch.zeros(nb, nb, dtype=torch.bool)
+    reached = torch.zeros_like(full)
+    start = 0
+    for length in [*lengths, width - sum(lengths)]:
+        if length:
+            end = start + length
+            blocks = torch.arange(start // BLOCK, (end - 1) // BLOCK + 1)
+            lo, hi = (blocks * BLOCK).clamp(min=start), ((blocks + 1) * BLOCK).clamp(max=end)  # rows [lo, hi) of it
+            low, high = lo[:, None] - (hi[None, :] - 1), (hi[:, None] - 1) - lo[None, :]
+            count = prefix[high + width] - prefix[low + width - 1]
+            whole = hi - lo == BLOCK
+            grid = (blocks[:, None], blocks[None, :])
+            reached[grid] |= count > 0
+            full[grid] |= (count == high - low + 1) & whole[:, None] & whole[None, :]
+        start += length
+    return full, reached & ~full
+
+
+def document_block_classes(pattern_: Pattern, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, partial) ``(rows, blocks, blocks)`` of a packed or padded batch's :func:`document_masks`:
+    from the offsets within each document for a pattern of i − j only, else by the general
+    classifier (rows of blocks chunk by chunk, work ∝ width² per row)."""
+    if pattern_.relative:
+        rows = [_documents_block_classes(pattern_, lengths, layout.width) for lengths in layout.lengths]
+    else:
+        rows = [_block_classes_any(mask, layout.width) for mask in document_masks(pattern_, layout)]
+    return torch.stack([full for full, _ in rows]), torch.stack([partial for _, partial in rows])
+
+
 @cached_by_bytes(256 << 20)
 def document_block_mask(pattern_: Pattern, layout: Layout, device: str) -> Any:
     """FlexAttention block mask of a packed or padded batch, one row of blocks per tensor row, from
-    :func:`document_masks`. Not a mask of i − j alone, so each row's blocks are classified by the
-    general classifier, rows of blocks chunk by chunk: bounded memory, work ∝ width² per row."""
-    rows = [_block_classes_any(mask, layout.width) for mask in document_masks(pattern_, layout)]
+    :func:`document_block_classes`: never a width × width temporary."""
     ids = layout.document_ids(device)
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return document_mask(pattern_.mask, ids[b])(q_idx, kv_idx)
 
-    return _block_mask(torch.stack([full for full, _ in rows]), torch.stack([partial for _, partial in rows]),
-                       mask_mod, layout.width, device)
+    return _block_mask(*document_block_classes(pattern_, layout), mask_mod, layout.width, device)
 
 
 def expand_block_mask(bm: Any, n: int, row: int = 0) -> torch.Tensor:
