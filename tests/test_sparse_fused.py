@@ -534,3 +534,27 @@ def test_kernel_reports_documents_and_groups(name, layout, kv_heads, causal, exp
     point = variants.Point(batch=1, heads=4, kv_heads=kv_heads, seq_len=8192, head_dim=64, causal=causal,
                            layout=layout, documents=Documents("equal", 8), params=entry.resolve())
     assert entry.kernel_name(point) == expected
+
+
+def _decode_point(entry: variants.Entry, kv_heads: int) -> variants.Point:
+    params = entry.resolve({k: v for k, v in {"window": 8, "rate": 4}.items() if k in entry.params})
+    return variants.Point(heads=4, kv_heads=kv_heads, head_dim=16, seq_len=40, q_len=3, causal=True, mode="decode",
+                          params=params)
+
+
+# The sparse entries whose decoder runs here (not flex, CUDA only; not xformers, no CPU kernel).
+SPARSE_DECODERS = [pytest.param(e, id=e.name) for e in variants.entries()
+                   if e.family == "sparse" and e.variant in masks.PATTERNS and why_not(e, _decode_point(e, 2)) is None]
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("entry", SPARSE_DECODERS)
+def test_sparse_decoders_take_grouped_heads(entry, kv_heads):
+    """A decode step of 3 new tokens against a cache of 40, with K and V of fewer heads than the
+    queries, equals the reference's last rows (K and V repeated)."""
+    params = _decode_point(entry, kv_heads).params
+    q, k, v, _ = _grouped_inputs(f"decode-{entry.name}-{kv_heads}", 43, 4, kv_heads)
+    cache = entry.decoder.prefill(k[:, :, :40], v[:, :, :40], q_len=3, **params)
+    out = entry.decoder.step(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], cache, **params)
+    expected = layouts.reference_attention(entry.reference, q, k, v, causal=True, **params)[:, :, 40:]
+    assert variants.relative_error(out, expected) < 1e-12

@@ -282,7 +282,7 @@ def local_xformers(q, k, v, *, causal: bool, window: int, layout: Layout | None 
 # --- decoding: a KV cache of what the pattern can still reach ------------------------------------
 
 def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=_grouped(q, k))
 
 
 def _local_window_bias(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> masks.BiasSpec | None:
