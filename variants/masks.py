@@ -123,11 +123,16 @@ FULL_CAUSAL = Pattern("causal", causal(), relative=True)
 
 # --- documents ------------------------------------------------------------------------------------
 
-def document_mask(mask: MaskFn, ids: torch.Tensor, name: str = "same_document") -> MaskFn:
-    """``mask`` ∧ same document, ``ids`` holding each position's document (attention-gym's
-    ``generate_doc_mask_mod``). Every pattern here depends on i − j only, so this is exactly the
-    pattern applied within each document, wherever the document starts."""
-    return and_masks(mask, _named(lambda q_idx, kv_idx: ids[q_idx] == ids[kv_idx], name))
+def same_document(ids: torch.Tensor) -> MaskFn:
+    """Positions in the same document, ``ids`` holding each position's document."""
+    return lambda q_idx, kv_idx: ids[q_idx] == ids[kv_idx]
+
+
+def document_mask(mask: MaskFn, ids: torch.Tensor, name: str) -> MaskFn:
+    """``mask`` ∧ same document (attention-gym's ``generate_doc_mask_mod``). Every pattern here
+    depends on i − j only, so this is exactly the pattern applied within each document, wherever
+    the document starts."""
+    return and_masks(mask, _named(same_document(ids), name))
 
 
 def document_masks(pattern_: Pattern, layout: Layout, device: torch.device | str = "cpu") -> list[MaskFn]:
@@ -323,7 +328,8 @@ def document_block_mask(pattern_: Pattern, layout: Layout, device: str) -> Any:
     ids = layout.document_ids(device)
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return document_mask(pattern_.mask, ids[b])(q_idx, kv_idx)
+        # document_masks' mask of row b, written without naming a function (compiled kernels trace it)
+        return pattern_.mask(q_idx, kv_idx) & same_document(ids[b])(q_idx, kv_idx)
 
     return _block_mask(*document_block_classes(pattern_, layout), mask_mod, layout.width, device)
 

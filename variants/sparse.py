@@ -285,7 +285,7 @@ def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=_grouped(q, k))
 
 
-def _local_window_bias(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> masks.BiasSpec | None:
+def _local_window_bias(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> BiasSpec | None:
     """A local decode step reads the window and the new tokens; several new tokens see them through
     xformers' own local bias, aligned bottom-right (the keys the plan reads end with them)."""
     return None if mask is None else local_bias(params["window"], 0)
