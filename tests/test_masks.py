@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import time
 
 import pytest
@@ -19,6 +20,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 import variants
 from bench.device import LiveTensorBytes
 from variants import Point, masks
+from variants.layouts import PACKED, PADDED, Documents, Layout
 
 # (sparsity, params) for the pattern tests; small windows/rates so the structure matters at these n,
 # plus edge cases (window 0, window ≥ n, rate 1, rate > n).
@@ -279,3 +281,149 @@ def test_sparse_flops_are_4bhd_times_allowed_pairs(entry, causal):
     assert entry.flops(point) == pytest.approx(4.0 * b * h * d * nnz, rel=1e-12)
     # and strictly less than the dense count, as the pattern is sparse at this n
     assert entry.flops(point) < 4.0 * b * h * n * n * d / (2 if causal else 1)
+
+
+# --- documents: the pattern ∧ same document -------------------------------------------------------------
+
+def _packed(*lengths: int) -> Layout:
+    return Layout(PACKED, (lengths,))
+
+
+def _padded(*lengths: int) -> Layout:
+    return Layout(PADDED, tuple((n,) for n in lengths))
+
+
+# Documents on, before and after the 128-token block edges, of length 1, and small ones.
+BLOCK_EDGE_LAYOUTS = [_packed(1), _packed(127, 1, 128, 129, 1, 255, 2), _packed(3, 1, 5), _packed(300),
+                      _padded(1, 127, 128, 129, 200), _padded(5, 5), _padded(3)]
+LAYOUT_IDS = ["1", "block-edges", "3-1-5", "one-300", "padded-edges", "padded-5-5", "padded-3"]
+
+
+def _expected_document_mask(sparsity: str, params: dict, causal: bool, layout: Layout) -> torch.Tensor:
+    """``(rows, width, width)``: per row, the design rule applied within each document alone; padding
+    positions, a document of their own, see padding only. Plain loops (``_expected_mask``)."""
+    width = layout.width
+    out = torch.zeros(len(layout.lengths), width, width, dtype=torch.bool)
+    rule = _expected_mask(sparsity, params, causal, width)  # of i − j only, so any block of it is the rule
+    for row, lengths in enumerate(layout.lengths):
+        start = 0
+        for length in [*lengths, width - sum(lengths)]:
+            out[row, start:start + length, start:start + length] = rule[:length, :length]
+            start += length
+    return out
+
+
+# The rule's loops are quadratic in Python: the layouts up to 300 tokens a row.
+SHORT_LAYOUTS = [pytest.param(layout, id=name) for layout, name in zip(BLOCK_EDGE_LAYOUTS, LAYOUT_IDS, strict=True)
+                 if layout.width <= 300]
+
+
+@pytest.mark.parametrize("layout", SHORT_LAYOUTS)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("sparsity, params", PATTERN_PARAMS)
+def test_document_mask_is_the_rule_within_each_document(sparsity, params, causal, layout):
+    pattern = masks.pattern(sparsity, causal, **params)
+    got = masks.cached_document_mask.fn(pattern, layout, "cpu")
+    assert got.shape == (len(layout.lengths), 1, layout.width, layout.width)
+    assert torch.equal(got[:, 0], _expected_document_mask(sparsity, params, causal, layout))
+    # a real query never sees a padding key, and no row is empty (padding queries see padding)
+    valid = layout.valid()[:, 0, :, 0]
+    assert not (got[:, 0] & (valid[:, :, None] & ~valid[:, None, :])).any()
+    assert got[:, 0].any(-1).all()
+
+
+@pytest.mark.parametrize("layout", BLOCK_EDGE_LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("sparsity, params", PATTERN_PARAMS)
+def test_document_block_mask_applies_exactly_the_document_mask(sparsity, params, causal, layout):
+    pattern = masks.pattern(sparsity, causal, **params)
+    dense = masks.cached_document_mask.fn(pattern, layout, "cpu")
+    bm = masks.document_block_mask.fn(pattern, layout, "cpu")
+    assert bm.seq_lengths == (layout.width, layout.width) and bm.kv_num_blocks.shape[0] == len(layout.lengths)
+    for row in range(len(layout.lengths)):
+        assert torch.equal(masks.expand_block_mask(bm, layout.width, row), dense[row, 0]), row
+
+
+@pytest.mark.parametrize("layout", [BLOCK_EDGE_LAYOUTS[1], BLOCK_EDGE_LAYOUTS[4]], ids=["packed", "padded"])
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_document_block_mask_equals_flex_attentions_own(causal, layout):
+    """Counts and indices of full and partial blocks, row by row, as create_block_mask gives them
+    for the same mask_mod (attention-gym's document masking)."""
+    pattern = masks.pattern("strided", causal, window=8, rate=16)
+    ours = masks.document_block_mask.fn(pattern, layout, "cpu")
+    theirs = create_block_mask(ours.mask_mod, len(layout.lengths), None, layout.width, layout.width, device="cpu")
+    for count, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        assert torch.equal(getattr(ours, count), getattr(theirs, count)), count
+        for row, used in itertools.product(range(len(layout.lengths)), range(getattr(ours, count).shape[-1])):
+            n = getattr(theirs, count)[row, 0, used]
+            assert torch.equal(getattr(ours, indices)[row, 0, used, :n], getattr(theirs, indices)[row, 0, used, :n])
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("sparsity, params", PATTERN_PARAMS)
+def test_document_blocks_from_offsets_equal_the_general_classifier(sparsity, params, causal):
+    """The blocks of a pattern of i − j only, read from the offsets within each document, are those
+    the general classifier finds by evaluating every pair: documents on, before and after block
+    edges, of length 1, and seeded random ones, packed and padded."""
+    gen = torch.Generator().manual_seed(len(PATTERN_PARAMS))
+    drawn = [tuple(torch.randint(1, high, (count,), generator=gen).tolist()) for count, high in ((6, 200), (12, 40))]
+    cases = [*BLOCK_EDGE_LAYOUTS, *(_packed(*lengths) for lengths in drawn), _padded(*drawn[0])]
+    pattern = masks.pattern(sparsity, causal, **params)
+    general = dataclasses.replace(pattern, relative=False)
+    for layout in cases:
+        full, partial = masks.document_block_classes(pattern, layout)
+        assert full.shape == (len(layout.lengths), -(-layout.width // masks.BLOCK), -(-layout.width // masks.BLOCK))
+        expected = masks.document_block_classes(general, layout)
+        assert torch.equal(full, expected[0]) and torch.equal(partial, expected[1]), layout
+
+
+def test_document_mask_names_carry_the_documents():
+    pattern = masks.pattern("local", True, window=3)
+    assert [m.__name__ for m in masks.document_masks(pattern, _packed(3, 1, 5))] == \
+        ["local_w3_causal_and_documents_3_1_5"]
+    assert [m.__name__ for m in masks.document_masks(pattern, _padded(2, 5))] == \
+        ["local_w3_causal_and_documents_2_padding_3", "local_w3_causal_and_documents_5"]
+
+
+def test_document_masks_are_cached_by_layout_and_released():
+    from variants import caches
+
+    cache = masks.cached_document_mask
+    cache.clear()
+    pattern = masks.pattern("local", False, window=3)
+    first = cache(pattern, _packed(3, 1, 5), "cpu")
+    assert cache(pattern, _packed(3, 1, 5), "cpu") is first  # an equal layout: a hit
+    other = cache(pattern, _packed(5, 1, 3), "cpu")
+    assert other is not first and not torch.equal(other, first)
+    assert cache.bytes == 2 * 9 * 9
+    masks.document_block_mask(pattern, _packed(3, 1, 5), "cpu")
+    assert masks.document_block_mask.bytes > 0
+    caches.release_caches()
+    assert cache.bytes == 0 and masks.document_block_mask.bytes == 0
+
+
+@pytest.mark.parametrize("relative", [True, False], ids=["offsets", "general"])
+def test_document_block_mask_stays_within_its_memory_bound(relative):
+    """A packed row of 8192 tokens in 8 documents: never the n × n grid (64 Mi pairs). From the
+    offsets (a pattern of i − j only) it takes a few MiB; the general classifier, rows of blocks
+    chunk by chunk, at most CHUNK_PAIRS pairs at a time."""
+    lengths = Documents("uniform", 8, seed=0).lengths(8192, 1)[0]
+    pattern = dataclasses.replace(masks.pattern("local", True, window=256), relative=relative)
+    with LiveTensorBytes() as counter:
+        built = masks.document_block_mask.fn(pattern, _packed(*lengths), "cpu")
+    assert counter.peak <= (16 << 20 if relative else 256 << 20), f"{counter.peak / 2**20:.0f} MiB"
+    assert built.kv_num_blocks.shape == (1, 1, 8192 // masks.BLOCK)
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_packed_flops_count_pairs_inside_documents_only(causal):
+    """FLOPs of a packed point: 4·h·d per allowed pair of the document mask, never across documents."""
+    entry = variants.get("strided/dense")
+    params = entry.resolve({"window": 8, "rate": 16})
+    documents = Documents("uniform", 5, seed=1)
+    point = Point(batch=2, heads=3, seq_len=150, head_dim=16, causal=causal, layout=PACKED, documents=documents,
+                  params=params)
+    layout = variants.layouts.layout_of(point)
+    pairs = int(masks.cached_document_mask.fn(masks.pattern("strided", causal, **params), layout, "cpu").sum())
+    assert entry.flops(point) == pytest.approx(4.0 * 3 * 16 * pairs, rel=1e-12)
+    assert entry.flops(dataclasses.replace(point, layout=PADDED)) == entry.flops(point)

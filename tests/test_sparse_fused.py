@@ -5,16 +5,19 @@ what ``kernel(point)`` reports. CPU only, no timing."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import zlib
 
 import pytest
 import torch
+from support import why_not
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import variants
-from variants import masks, merged, sparse
+from variants import layouts, masks, merged, sparse
+from variants.layouts import PACKED, PADDED, Documents, Layout
 from variants.merged import Part, Tiles
 from variants.reference import softmax_attention
 
@@ -363,3 +366,195 @@ def test_rows_reached_late_or_never(monkeypatch, fused):
     assert torch.equal(out[:, :, 7:], torch.zeros_like(out[:, :, 7:]))
     for got, exp in zip(grads, ref_grads, strict=True):
         assert variants.relative_error(got, exp) < 1e-12
+
+
+# --- documents: the parts of each document, shifted to where it starts -----------------------------
+
+def _random_lengths(gen: torch.Generator, count: int, high: int) -> tuple[int, ...]:
+    return tuple(torch.randint(1, high + 1, (count,), generator=gen).tolist())
+
+
+def _document_layouts(block: int) -> list[tuple[int, ...]]:
+    """Documents of one packed row around the tile edges of ``block`` (the window or rate): lengths
+    1, block − 1, block, block + 1, 2·block ± 1, so that boundaries fall on, before and after tile
+    edges; and seeded random ones."""
+    b = max(block, 1)
+    edges = [(1,), (1, 1, 1), (b - 1 or 1, 1, b, b + 1), (2 * b + 1, 1, 2 * b - 1 or 1, b), (3, b + 2, 1, 2 * b)]
+    gen = torch.Generator().manual_seed(block)
+    return edges + [_random_lengths(gen, count, 3 * b + 2) for count in (2, 5, 9)]
+
+
+def _document_mask(sparsity: str, params: dict, causal: bool, lengths: tuple[int, ...]) -> torch.Tensor:
+    """The pattern applied within each document alone (block-diagonal), built from the plain pattern's
+    dense mask over each document: independent of the document mask function."""
+    n = sum(lengths)
+    expected = torch.zeros(n, n, dtype=torch.long)
+    start = 0
+    for length in lengths:
+        pattern = masks.pattern(sparsity, causal, **params)
+        expected[start:start + length, start:start + length] = masks.dense_mask(pattern.mask, length, length).long()
+        start += length
+    return expected
+
+
+DOCUMENT_GRID = {
+    "local": [{"window": w} for w in (0, 1, 3, 8)],
+    "atrous": [{"rate": r} for r in (1, 2, 5)],
+    "strided": [{"window": w, "rate": r} for w in (0, 3, 8) for r in (1, 2, 7)],
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("sparsity", list(BUILDERS))
+def test_document_parts_allow_exactly_pattern_and_same_document_each_pair_once(sparsity, causal):
+    parts_of = sparse.STRUCTURED[sparsity].parts_of
+    for params in DOCUMENT_GRID[sparsity]:
+        for lengths in _document_layouts(max(params.values())):
+            parts = sparse.document_parts(parts_of, lengths, causal, tuple(sorted(params.items())))
+            n = sum(lengths)
+            assert torch.equal(pair_counts(parts, n), _document_mask(sparsity, params, causal, lengths)), \
+                (params, lengths)
+            # the same pairs as the document mask function the mask-based impls use
+            layout = Layout(PACKED, (lengths,))
+            mask = masks.cached_document_mask(masks.pattern(sparsity, causal, **params), layout, "cpu")[0, 0]
+            assert torch.equal(pair_counts(parts, n).bool(), mask)
+            assert not merged.plan(parts, n).zeroed  # every row reached, tiles within [0, n)
+
+
+@pytest.mark.parametrize("sparsity", list(BUILDERS))
+def test_causal_parts_of_a_padded_row_never_reach_its_padding(sparsity):
+    """Padded and causal, the parts run over the whole row without a mask: a real query (before the
+    padding) reaches exactly the pattern's keys of its document, never a padding key."""
+    parts_of = sparse.STRUCTURED[sparsity].parts_of
+    params = DOCUMENT_GRID[sparsity][-1]
+    for lengths in ((1,), (5,), (16,), (17,), (40,)):
+        layout = Layout(PADDED, (lengths, (40,)))
+        parts = sparse.layout_parts(parts_of, layout.width, True, params, layout)
+        expected = torch.zeros(lengths[0], layout.width, dtype=torch.long)
+        expected[:, :lengths[0]] = _document_mask(sparsity, params, True, lengths)
+        assert torch.equal(pair_counts(parts, layout.width)[:lengths[0]], expected), lengths
+
+
+def test_padded_non_causal_parts_are_refused_with_the_reason():
+    for sparsity, impl in IMPLS.items():
+        entry = variants.get(sparsity, impl)
+        point = variants.Point(heads=4, head_dim=16, layout=PADDED, documents=Documents(), params=entry.resolve())
+        reason = why_not(entry, point)
+        assert reason is not None and "padding keys masked" in reason and "mask-free" in reason
+        assert why_not(entry, dataclasses.replace(point, causal=True)) is None
+        assert why_not(entry, dataclasses.replace(point, layout=PACKED)) is None
+        with pytest.raises(ValueError, match="padding keys masked"):
+            entry(*(torch.zeros(2, 1, 8, 4) for _ in range(3)), causal=False, layout=Layout(PADDED, ((3,), (8,))))
+
+
+# --- grouped-query heads: each group member against K and V as they are -----------------------------
+
+GQA_CASES = [  # (sparsity, params, n): merged (overlapping parts) and disjoint (atrous, window 0) paths
+    ("local", {"window": 7}, 50), ("strided", {"window": 8, "rate": 6}, 61), ("atrous", {"rate": 4}, 50),
+    ("local", {"window": 0}, 20),
+]
+
+
+def _grouped_inputs(tag: str, n: int, heads: int, kv_heads: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
+    shapes = [(2, heads, n, 16), (2, kv_heads, n, 16), (2, kv_heads, n, 16), (2, heads, n, 16)]
+    return [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in shapes]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash", "eager"])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("sparsity, params, n", GQA_CASES)
+def test_grouped_heads_equal_repeated_kv_and_gradients_sum_over_the_group(monkeypatch, sparsity, params, n, causal,
+                                                                          kv_heads, fused):
+    """Grouped K and V give what K and V repeated to every query head give (the definition), and dk,
+    dv are the sums over each group of the repeated heads' gradients — in both execution paths and
+    with both kernels."""
+    if not fused:
+        monkeypatch.setattr(merged, "aten_op", lambda name: None)
+    parts = BUILDERS[sparsity](n, params, causal)
+    q, k, v, upstream = _grouped_inputs(f"gqa-{sparsity}-{n}-{causal}-{kv_heads}", n, 6, kv_heads)
+    out, grads = _run_parts(parts, (q, k, v), upstream, torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    repeated = merged.merged_attention(leaves[0], *(layouts.repeat_kv(t, 6) for t in leaves[1:]), parts)
+    expected = torch.autograd.grad(repeated, leaves, upstream)  # through repeat_kv: summed over each group
+    assert variants.relative_error(out, repeated) < 1e-12
+    errors = variants.gradient_errors(grads, expected, 1e-12)
+    assert max(errors) < 1e-12, dict(zip("qkv", errors, strict=True))
+
+
+def _recording_kernel(monkeypatch, k: torch.Tensor) -> list[bool]:
+    """Wraps the chosen kernel: for each call, whether its key tiles are a view of ``k`` itself."""
+    views = []
+    kernel = merged.select_kernel("cpu", torch.float64, 16)
+
+    def forward(q_, k_, v_, causal):
+        views.append(k_.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() and k_.shape[0] == 2)
+        return kernel.forward(q_, k_, v_, causal)
+
+    monkeypatch.setattr(merged, "select_kernel", lambda *args: merged.Kernel(kernel.name, forward, kernel.backward))
+    return views
+
+
+def test_grouped_heads_read_k_and_v_as_they_are(monkeypatch):
+    """No repeated K: every kernel call gets key tiles that are views of K itself, with its own KV
+    head count, once per group member (anticausal parts excepted: their tiles are reversed copies)."""
+    n = 50
+    parts = sparse.local_parts(n, 7, True)
+    q, k, v, _ = _grouped_inputs("views", n, 6, 1)
+    views = _recording_kernel(monkeypatch, k)
+    merged.merged_attention(q, k, v, parts)
+    assert views == [part.relation != "anticausal" for part in parts] * 6
+    assert any(views)
+
+
+def test_grouped_heads_must_divide():
+    q, k, v, _ = _grouped_inputs("divide", 16, 6, 4)
+    with pytest.raises(ValueError, match="groups"):
+        merged.merged_attention(q, k, v, sparse.local_parts(16, 3, False))
+
+
+# --- what runs under documents and groups, as the results row says ----------------------------------
+
+@pytest.mark.parametrize("name, layout, kv_heads, causal, expected", [
+    ("local/blocked", PACKED, None, True,
+     "cpu flash with lse ×16 parts, merged, in 8 packed documents"),
+    ("local/blocked", PADDED, 2, True,
+     "cpu flash with lse ×2 parts, merged, in 8 padded rows, no mask, each of 2 query heads per K/V head "
+     "against K/V as they are"),
+    ("atrous/reshape", PACKED, 1, False,
+     "sdpa (no mask) over 64 residue classes, in 8 packed documents, each of 4 query heads per K/V head "
+     "against K/V as they are"),
+    ("local/dense", PACKED, 2, False, "sdpa with dense bool mask of pattern ∧ same document, enable_gqa"),
+    ("local/dense", PADDED, None, True, "sdpa with dense bool mask of pattern ∧ real keys, one per row"),
+    ("strided/flex", PACKED, 1, True, "flex_attention (torch.compile) with the document block mask, enable_gqa"),
+])
+def test_kernel_reports_documents_and_groups(name, layout, kv_heads, causal, expected):
+    entry = variants.get(name)
+    point = variants.Point(batch=1, heads=4, kv_heads=kv_heads, seq_len=8192, head_dim=64, causal=causal,
+                           layout=layout, documents=Documents("equal", 8), params=entry.resolve())
+    assert entry.kernel_name(point) == expected
+
+
+def _decode_point(entry: variants.Entry, kv_heads: int) -> variants.Point:
+    params = entry.resolve({k: v for k, v in {"window": 8, "rate": 4}.items() if k in entry.params})
+    return variants.Point(heads=4, kv_heads=kv_heads, head_dim=16, seq_len=40, q_len=3, causal=True, mode="decode",
+                          params=params)
+
+
+# The sparse entries whose decoder runs here (not flex, CUDA only; not xformers, no CPU kernel).
+SPARSE_DECODERS = [pytest.param(e, id=e.name) for e in variants.entries()
+                   if e.family == "sparse" and e.variant in masks.PATTERNS and why_not(e, _decode_point(e, 2)) is None]
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("entry", SPARSE_DECODERS)
+def test_sparse_decoders_take_grouped_heads(entry, kv_heads):
+    """A decode step of 3 new tokens against a cache of 40, with K and V of fewer heads than the
+    queries, equals the reference's last rows (K and V repeated)."""
+    params = _decode_point(entry, kv_heads).params
+    q, k, v, _ = _grouped_inputs(f"decode-{entry.name}-{kv_heads}", 43, 4, kv_heads)
+    cache = entry.decoder.prefill(k[:, :, :40], v[:, :, :40], q_len=3, **params)
+    out = entry.decoder.step(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], cache, **params)
+    expected = layouts.reference_attention(entry.reference, q, k, v, causal=True, **params)[:, :, 40:]
+    assert variants.relative_error(out, expected) < 1e-12

@@ -4,6 +4,9 @@ Everything else is derived from that one function, so the forms can never disagr
 
 * :func:`dense_mask` — the ``(n, n)`` boolean mask (tests, masked-dense impls);
 * :func:`block_mask` — the FlexAttention ``BlockMask`` (cached per shape), built in bounded memory;
+* :func:`document_masks` — a packed or padded batch's: the pattern ∧ same document, one mask
+  function per tensor row, and its dense (:func:`cached_document_mask`) and block
+  (:func:`document_block_mask`) forms;
 * :func:`xformers_bias` — the xformers ``attn_bias`` where xformers has a class for the pattern;
 * :func:`allowed_per_row` — exact counts of allowed entries (for FLOPs);
 * :func:`reachable_keys` — the prefix positions later queries can still reach (decode caches).
@@ -27,10 +30,10 @@ from typing import Any
 import torch
 
 from .caches import cached_by_bytes
+from .layouts import Layout
+from .xformers_ops import BiasSpec, make_xformers_bias, window_bias
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# An xformers attn_bias as data: (class name in xformers.ops.fmha.attn_bias, constructor kwargs).
-BiasSpec = tuple[str, tuple[tuple[str, int], ...]]
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,7 @@ def and_masks(*fns: MaskFn) -> MaskFn:
 
 
 def _local_pattern(window: int, causal_: bool) -> tuple[MaskFn, BiasSpec | None, int]:
-    # Bottom-right alignment equals top-left here because queries and keys have the same length.
-    right = 0 if causal_ else window
-    return local(window), local_bias(window, right), 1
-
-
-def local_bias(left: int, right: int) -> BiasSpec:
-    """xformers' local window, aligned bottom-right (queries end where the keys end)."""
-    return "LocalAttentionFromBottomRightMask", (("window_left", left), ("window_right", right))
+    return local(window), window_bias(window, causal_), 1
 
 
 # Each sparsity's factory: (mask function, xformers bias or None, period of its rule in i − j, where
@@ -125,6 +121,35 @@ def pattern(sparsity: str, causal_: bool, **params: int) -> Pattern:
 FULL_CAUSAL = Pattern("causal", causal(), relative=True)
 
 
+# --- documents ------------------------------------------------------------------------------------
+
+def same_document(ids: torch.Tensor) -> MaskFn:
+    """Positions in the same document, ``ids`` holding each position's document."""
+    return lambda q_idx, kv_idx: ids[q_idx] == ids[kv_idx]
+
+
+def document_mask(mask: MaskFn, ids: torch.Tensor, name: str) -> MaskFn:
+    """``mask`` ∧ same document (attention-gym's ``generate_doc_mask_mod``). Every pattern here
+    depends on i − j only, so this is exactly the pattern applied within each document, wherever
+    the document starts."""
+    return and_masks(mask, _named(same_document(ids), name))
+
+
+def document_masks(pattern_: Pattern, layout: Layout, device: torch.device | str = "cpu") -> list[MaskFn]:
+    """Each tensor row's mask function: the pattern ∧ same document, named with the row's document
+    lengths. Padding positions (id −1) form a document of their own: real queries never see a
+    padding key, and a padding query (whose output is not part of the result) sees padding keys,
+    the diagonal at least, so no row of the mask is empty."""
+    ids = layout.document_ids(device)
+    return [document_mask(pattern_.mask, ids[row], _documents_name(lengths, layout.width))
+            for row, lengths in enumerate(layout.lengths)]
+
+
+def _documents_name(lengths: tuple[int, ...], width: int) -> str:
+    padding = width - sum(lengths)
+    return "documents_" + "_".join(map(str, lengths)) + (f"_padding_{padding}" if padding else "")
+
+
 # Index arithmetic runs in int32, as FlexAttention's kernels run mask functions, over at most this
 # many (query, key) pairs at a time: a few int32 temporaries of 16 Mi elements stay under 256 MiB.
 CHUNK_PAIRS = 1 << 24
@@ -149,6 +174,16 @@ def dense_mask(mask: MaskFn, n_q: int, n_kv: int, device: torch.device | str = "
 @cached_by_bytes(1 << 30)
 def cached_dense_mask(pattern_: Pattern, n: int, device: str) -> torch.Tensor:
     return dense_mask(pattern_.mask, n, n, device)
+
+
+@cached_by_bytes(1 << 30)
+def cached_document_mask(pattern_: Pattern, layout: Layout, device: str) -> torch.Tensor:
+    """The ``(rows, 1, width, width)`` boolean mask of a packed or padded batch (:func:`document_masks`)."""
+    width = layout.width
+    out = torch.empty(len(layout.lengths), 1, width, width, dtype=torch.bool, device=device)
+    for row, mask in enumerate(document_masks(pattern_, layout, device)):
+        out[row, 0] = dense_mask(mask, width, width, device)
+    return out
 
 
 def _classify(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,29 +253,91 @@ def block_classes(pattern_: Pattern, n: int) -> tuple[torch.Tensor, torch.Tensor
     return (_block_classes_relative if pattern_.relative else _block_classes_any)(pattern_.mask, n)
 
 
-@cached_by_bytes(256 << 20)
-def block_mask(pattern_: Pattern, n: int, device: str) -> Any:
-    """FlexAttention block mask for an ``n × n`` problem, built once per (pattern, n, device) from
-    :func:`block_classes`: never an n × n temporary (``create_block_mask`` evaluates the whole grid)."""
+def _block_mask(full: torch.Tensor, partial: torch.Tensor, mask_mod: Callable[..., torch.Tensor], n: int,
+                device: str) -> Any:
+    """A FlexAttention BlockMask from block classes ``(rows, blocks, blocks)`` (one row: broadcast
+    over the batch)."""
     from torch.nn.attention.flex_attention import BlockMask
-
-    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return pattern_.mask(q_idx, kv_idx)
 
     def ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Per query block: how many key blocks, and their indices first (stable: ascending).
         count = blocks.sum(-1, dtype=torch.int32)
         indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return count[None, None].to(device), indices[None, None].to(device)
+        return count[:, None].to(device), indices[:, None].to(device)
 
-    full, partial = block_classes(pattern_, n)
     return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
                                     seq_lengths=(n, n))
 
 
-def expand_block_mask(bm: Any, n: int) -> torch.Tensor:
-    """The element-level mask a BlockMask really applies: full blocks entirely, partial blocks
-    through its mask_mod, everything else masked. Used to check the block mask against the dense one."""
+@cached_by_bytes(256 << 20)
+def block_mask(pattern_: Pattern, n: int, device: str) -> Any:
+    """FlexAttention block mask for an ``n × n`` problem, built once per (pattern, n, device) from
+    :func:`block_classes`: never an n × n temporary (``create_block_mask`` evaluates the whole grid)."""
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return pattern_.mask(q_idx, kv_idx)
+
+    full, partial = block_classes(pattern_, n)
+    return _block_mask(full[None], partial[None], mask_mod, n, device)
+
+
+def _documents_block_classes(pattern_: Pattern, lengths: tuple[int, ...], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, partial) blocks of one row of documents (``lengths`` back to back from 0, then padding
+    up to ``width`` as a document of its own) under the pattern ∧ same document, the pattern being
+    of i − j only. Per document, block (a, c) holds its rows R and keys C of that document, both
+    intervals, so the offsets i − j of their pairs are exactly the interval [min R − max C,
+    max R − min C]: some pair is allowed when the pattern allows an offset there (one prefix sum
+    over the 2·width − 1 offsets, each evaluated once), and the block is full when it lies inside
+    one document, is not cut by the row's end, and the pattern allows the whole interval."""
+    nb = -(-width // BLOCK)
+    offsets = torch.arange(2 * width - 1, dtype=torch.int32)  # δ + width − 1 for δ = i − j
+    allowed = pattern_.mask(offsets, torch.tensor(width - 1, dtype=torch.int32))
+    prefix = torch.nn.functional.pad(allowed.to(torch.int64).cumsum(0), (1, 0))
+    full = torch.zeros(nb, nb, dtype=torch.bool)
+    reached = torch.zeros_like(full)
+    start = 0
+    for length in [*lengths, width - sum(lengths)]:
+        if length:
+            end = start + length
+            blocks = torch.arange(start // BLOCK, (end - 1) // BLOCK + 1)
+            lo, hi = (blocks * BLOCK).clamp(min=start), ((blocks + 1) * BLOCK).clamp(max=end)  # rows [lo, hi) of it
+            low, high = lo[:, None] - (hi[None, :] - 1), (hi[:, None] - 1) - lo[None, :]
+            count = prefix[high + width] - prefix[low + width - 1]
+            whole = hi - lo == BLOCK
+            grid = (blocks[:, None], blocks[None, :])
+            reached[grid] |= count > 0
+            full[grid] |= (count == high - low + 1) & whole[:, None] & whole[None, :]
+        start += length
+    return full, reached & ~full
+
+
+def document_block_classes(pattern_: Pattern, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, partial) ``(rows, blocks, blocks)`` of a packed or padded batch's :func:`document_masks`:
+    from the offsets within each document for a pattern of i − j only, else by the general
+    classifier (rows of blocks chunk by chunk, work ∝ width² per row)."""
+    if pattern_.relative:
+        rows = [_documents_block_classes(pattern_, lengths, layout.width) for lengths in layout.lengths]
+    else:
+        rows = [_block_classes_any(mask, layout.width) for mask in document_masks(pattern_, layout)]
+    return torch.stack([full for full, _ in rows]), torch.stack([partial for _, partial in rows])
+
+
+@cached_by_bytes(256 << 20)
+def document_block_mask(pattern_: Pattern, layout: Layout, device: str) -> Any:
+    """FlexAttention block mask of a packed or padded batch, one row of blocks per tensor row, from
+    :func:`document_block_classes`: never a width × width temporary."""
+    ids = layout.document_ids(device)
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        # document_masks' mask of row b, written without naming a function (compiled kernels trace it)
+        return pattern_.mask(q_idx, kv_idx) & same_document(ids[b])(q_idx, kv_idx)
+
+    return _block_mask(*document_block_classes(pattern_, layout), mask_mod, layout.width, device)
+
+
+def expand_block_mask(bm: Any, n: int, row: int = 0) -> torch.Tensor:
+    """The element-level mask a BlockMask really applies to batch row ``row``: full blocks entirely,
+    partial blocks through its mask_mod, everything else masked. Used to check the block mask
+    against the dense one."""
     size_q, size_kv = bm.BLOCK_SIZE
     idx = torch.arange(n)
     full = torch.zeros(n, n, dtype=torch.bool)
@@ -250,20 +347,11 @@ def expand_block_mask(bm: Any, n: int) -> torch.Tensor:
         if counts is None:
             continue
         for qb in range(counts.shape[-1]):
-            for kb in indices[0, 0, qb, : counts[0, 0, qb]].tolist():
+            for kb in indices[row, 0, qb, : counts[row, 0, qb]].tolist():
                 target[qb * size_q:(qb + 1) * size_q, kb * size_kv:(kb + 1) * size_kv] = True
     zero = torch.zeros((), dtype=torch.long)
-    mod = bm.mask_mod(zero, zero, idx[:, None], idx[None, :]).expand(n, n)
+    mod = bm.mask_mod(torch.tensor(row), zero, idx[:, None], idx[None, :]).expand(n, n)
     return full | (partial & mod)
-
-
-def make_xformers_bias(spec: BiasSpec | None) -> Any | None:
-    if spec is None:
-        return None
-    from xformers.ops.fmha import attn_bias
-
-    cls_name, kwargs = spec
-    return getattr(attn_bias, cls_name)(**dict(kwargs))
 
 
 def xformers_bias(pattern_: Pattern) -> Any | None:

@@ -44,9 +44,12 @@ class Tiles:
                 + torch.arange(self.length)[None, :] * self.stride)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The tiles of ``x`` ``(b, h, n, d)`` as a ``(b, h, count, length, d)`` view (no copy)."""
-        x = x.contiguous()  # the strides below assume (n, d) contiguous; a no-op for most inputs
+        """The tiles of ``x`` ``(b, h, n, d)`` as a ``(b, h, count, length, d)`` view: no copy when each
+        head's ``(n, d)`` is contiguous, whatever the strides of b and h (a group member's query
+        heads ``q[:, m::g]`` are such a view, and outputs are written through it)."""
         d = x.shape[-1]
+        if x.stride(-1) != 1 or x.stride(-2) != d:  # the strides below assume (n, d) contiguous
+            x = x.contiguous()
         return x.as_strided((*x.shape[:2], self.count, self.length, d),
                             (*x.stride()[:2], self.step * d, self.stride * d, 1),
                             x.storage_offset() + self.start * d)
@@ -289,12 +292,63 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor,
     lse.copy_(torch.logaddexp(lse, part_lse))
 
 
+def members(x: torch.Tensor, group: int) -> list[torch.Tensor]:
+    """The heads of ``x`` ``(b, heads, ·, ·)`` by group member: member m's are heads m, m + group, …,
+    one of each KV head's query group (KV head j serves heads j·group … j·group + group − 1), as
+    views. Each member's queries meet K and V as they are: grouped-query attention with no repeated
+    K or V, the group folded into the loop rather than into copies."""
+    return [x[:, m::group] for m in range(group)]
+
+
+def _group(q: torch.Tensor, k: torch.Tensor) -> int:
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads do not split into groups of {k.shape[1]} key/value heads")
+    return q.shape[1] // k.shape[1]
+
+
+def _forward_parts(kernel: Kernel, parts: tuple[Part, ...], first: tuple[bool, ...], q: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> list[Any]:
+    """Every part of one group member into its accumulators ``out``, ``lse`` (views); the kernel states."""
+    b = q.shape[0]
+    states = []
+    for part, writes in zip(parts, first, strict=True):
+        tiles = _reversed(part.relation, _flat(part.rows, q), _flat(part.cols, k), _flat(part.cols, v))
+        part_out, part_lse, state = kernel.forward(*tiles, part.causal)
+        states.append(state)
+        part_out, part_lse = _reversed(part.relation, part_out, part_lse)
+        part_out, part_lse = _unflat(part_out, b), _unflat(part_lse[..., None], b)
+        if writes:  # nothing there yet: write, no merge
+            part.rows.gather(out).copy_(part_out)
+            part.rows.gather(lse).copy_(part_lse)
+        else:
+            _merge_into(part.rows.gather(out), part.rows.gather(lse), part_out, part_lse)
+    return states
+
+
+def _backward_parts(kernel: Kernel, parts: tuple[Part, ...], states: list[Any], dout: torch.Tensor,
+                    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """Every part's gradients of one group member, added into ``dq`` (its views) and ``dk``, ``dv``
+    (shared by the members: they sum over the group)."""
+    b = q.shape[0]
+    for part, state in zip(parts, states, strict=True):
+        do, q_, o, k_, v_, part_lse = _reversed(
+            part.relation, *(_flat(part.rows, t) for t in (dout, q, out)),
+            *(_flat(part.cols, t) for t in (k, v)), _flat(part.rows, lse)[..., 0])
+        # Fused backwards read the lse as a dense (B, H, L) array: hand them exactly that.
+        grads = kernel.backward(do, q_, k_, v_, o, part_lse.contiguous(), part.causal, state)
+        part_dq, part_dk, part_dv = (_unflat(g, b) for g in _reversed(part.relation, *grads))
+        part.rows.gather(dq).add_(part_dq)
+        part.cols.gather(dk).add_(part_dk)
+        part.cols.gather(dv).add_(part_dv)
+
+
 class _Merged(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 parts: tuple[Part, ...]) -> torch.Tensor:
         q, k, v = (t.contiguous() for t in (q, k, v))
-        b = q.shape[0]
+        group = _group(q, k)
         kernel = select_kernel(q.device, q.dtype, q.shape[-1])
         acc = accumulation_dtype(q.dtype)
         how = plan(parts, q.shape[-2])
@@ -303,18 +357,8 @@ class _Merged(torch.autograd.Function):
         if how.zeroed:  # nothing there is the empty sum: output 0, lse −inf
             out.zero_()
             lse.fill_(float("-inf"))
-        states = []
-        for part, first in zip(parts, how.first, strict=True):
-            tiles = _reversed(part.relation, _flat(part.rows, q), _flat(part.cols, k), _flat(part.cols, v))
-            part_out, part_lse, state = kernel.forward(*tiles, part.causal)
-            states.append(state)
-            part_out, part_lse = _reversed(part.relation, part_out, part_lse)
-            part_out, part_lse = _unflat(part_out, b), _unflat(part_lse[..., None], b)
-            if first:  # nothing there yet: write, no merge
-                part.rows.gather(out).copy_(part_out)
-                part.rows.gather(lse).copy_(part_lse)
-            else:
-                _merge_into(part.rows.gather(out), part.rows.gather(lse), part_out, part_lse)
+        states = [_forward_parts(kernel, parts, how.first, q_m, k, v, out_m, lse_m)
+                  for q_m, out_m, lse_m in zip(*(members(t, group) for t in (q, out, lse)), strict=True)]
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.parts, ctx.kernel, ctx.states = parts, kernel, states
@@ -327,19 +371,12 @@ class _Merged(torch.autograd.Function):
         # D = rowsum(dO ∘ O), so each part runs its kernel's backward with the *merged* lse and out.
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
-        b = q.shape[0]
+        group = _group(q, k)
         acc = accumulation_dtype(q.dtype)
         dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
-        for part, state in zip(ctx.parts, ctx.states, strict=True):
-            do, q_, o, k_, v_, part_lse = _reversed(
-                part.relation, *(_flat(part.rows, t) for t in (dout, q, out)),
-                *(_flat(part.cols, t) for t in (k, v)), _flat(part.rows, lse)[..., 0])
-            # Fused backwards read the lse as a dense (B, H, L) array: hand them exactly that.
-            grads = ctx.kernel.backward(do, q_, k_, v_, o, part_lse.contiguous(), part.causal, state)
-            part_dq, part_dk, part_dv = (_unflat(g, b) for g in _reversed(part.relation, *grads))
-            part.rows.gather(dq).add_(part_dq)
-            part.cols.gather(dk).add_(part_dk)
-            part.cols.gather(dv).add_(part_dv)
+        for states, *views in zip(ctx.states, *(members(t, group) for t in (dout, q, out, lse, dq)), strict=True):
+            dout_m, q_m, out_m, lse_m, dq_m = views
+            _backward_parts(ctx.kernel, ctx.parts, states, dout_m, q_m, k, v, out_m, lse_m, dq_m, dk, dv)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
@@ -349,17 +386,20 @@ def _disjoint_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if plan(parts, q.shape[-2]).zeroed:
         out.zero_()
-    for part in parts:
-        tiles = _reversed(part.relation, _flat(part.rows, q), _flat(part.cols, k), _flat(part.cols, v))
-        part_out, = _reversed(part.relation, F.scaled_dot_product_attention(*tiles, is_causal=part.causal))
-        part.rows.gather(out).copy_(_unflat(part_out, q.shape[0]))
+    group = _group(q, k)
+    for q_m, out_m in zip(members(q, group), members(out, group), strict=True):
+        for part in parts:
+            tiles = _reversed(part.relation, _flat(part.rows, q_m), _flat(part.cols, k), _flat(part.cols, v))
+            part_out, = _reversed(part.relation, F.scaled_dot_product_attention(*tiles, is_causal=part.causal))
+            part.rows.gather(out_m).copy_(_unflat(part_out, q.shape[0]))
     return out
 
 
 def merged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      parts: tuple[Part, ...]) -> torch.Tensor:
     """Softmax attention of ``q`` over the (query, key) pairs the ``parts`` allow, exactly; rows no
-    part covers give 0. ``parts`` must not allow a pair twice."""
+    part covers give 0. ``parts`` must not allow a pair twice. ``k``, ``v`` may have fewer heads than
+    ``q`` (grouped-query attention): each group member's query heads run against them as they are."""
     if k.shape[-2] != q.shape[-2]:
         raise ValueError(f"parts index one sequence: {q.shape[-2]} queries, {k.shape[-2]} keys")
     if plan(parts, q.shape[-2]).disjoint:

@@ -15,6 +15,15 @@ allow exactly the pairs of the mask.
 * ``blocked`` (local): blocks of w against their own block and their two neighbours;
 * ``reshape`` (atrous): the ``rate`` interleaved subsequences, each attended without mask;
 * ``merged`` (strided): the local parts plus the residue-class keys beyond the window.
+
+Grouped-query heads and documents (:mod:`variants.layouts`). Every impl takes fewer K/V heads than
+query heads without repeating K and V: SDPA's and FlexAttention's ``enable_gqa``, xformers' 5-D
+form, and the parts run each group member's query heads against K and V as they are. A packed
+batch's mask is the pattern ∧ same document (:func:`masks.document_masks`), exactly the pattern
+within each document as every pattern depends on i − j only; the structured impls build their
+parts per document, shifted to where it starts. A padded batch masks the padding keys (dense,
+flex); causal, the parts need no mask there (padding keys come after every real query's keys),
+non-causal they cannot take one and refuse.
 """
 
 from __future__ import annotations
@@ -37,11 +46,18 @@ from .decode import (
     xformers_attend,
     xformers_mask_of,
 )
-from .layouts import sum_over_sequences
+from .layouts import LAYOUTS, PACKED, PADDED, Layout, layout_of, sum_over_sequences
 from .merged import Part, Relation, Tiles, describe, merged_attention
 from .reference import softmax_attention
-from .registry import Capabilities, Entry, Point, register
-from .xformers_ops import xformers_attention, xformers_kernel, xformers_unsupported
+from .registry import DECODE, Capabilities, Entry, Point, register
+from .xformers_ops import (
+    BiasSpec,
+    local_bias,
+    window_bias,
+    xformers_attention,
+    xformers_kernel,
+    xformers_unsupported,
+)
 
 
 def _pattern(sparsity: str, causal: bool, params: dict) -> masks.Pattern:
@@ -146,12 +162,54 @@ def strided_parts(n: int, window: int, rate: int, causal: bool) -> tuple[Part, .
     return tuple(parts)
 
 
+PartsOf = Callable[..., tuple[Part, ...]]  # (n, causal=, **params) -> the pattern's parts over n positions
+
+
+def _shifted(part: Part, by: int) -> Part:
+    return Part(replace(part.rows, start=part.rows.start + by), replace(part.cols, start=part.cols.start + by),
+                part.relation)
+
+
+@functools.lru_cache(maxsize=64)
+def document_parts(parts_of: PartsOf, lengths: tuple[int, ...], causal: bool,
+                   params: tuple[tuple[str, int], ...]) -> tuple[Part, ...]:
+    """A packed row's parts: each document's own, shifted to where it starts, so no part crosses a
+    document boundary (pattern ∧ same document, as the pattern depends on i − j only)."""
+    parts, start = [], 0
+    for length in lengths:
+        parts += (_shifted(part, start) for part in parts_of(length, causal=causal, **dict(params)))
+        start += length
+    return tuple(parts)
+
+
+PADDED_NON_CAUSAL = ("non-causal padded rows need their padding keys masked, and the parts run mask-free "
+                     "kernels (causal padded rows need no mask: padding keys come after every real query's keys)")
+
+
+def layout_parts(parts_of: PartsOf, n: int, causal: bool, params: dict, layout: Layout | None) -> tuple[Part, ...]:
+    """The parts over a row of ``n`` tokens: the pattern's (dense, and padded causal: padding queries'
+    outputs are not kept, and no real query reaches a padding key), or per document (packed)."""
+    if layout is not None and layout.kind == PACKED:
+        return document_parts(parts_of, layout.lengths[0], causal, tuple(sorted(params.items())))
+    if layout is not None and not causal:
+        raise ValueError(PADDED_NON_CAUSAL)
+    return parts_of(n, causal=causal, **params)
+
+
 # --- the impls -----------------------------------------------------------------------------------
 
+def _grouped(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return q.shape[1] != k.shape[1]
+
+
 def _dense(sparsity: str):
-    def forward(q, k, v, *, causal: bool, **params) -> torch.Tensor:
-        mask = masks.cached_dense_mask(_pattern(sparsity, causal, params), q.shape[-2], str(q.device))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def forward(q, k, v, *, causal: bool, layout: Layout | None = None, **params) -> torch.Tensor:
+        """One SDPA call with the boolean mask of the pattern, or (packed, padded) of the pattern ∧ same
+        document, one per row."""
+        pattern, device = _pattern(sparsity, causal, params), str(q.device)
+        mask = masks.cached_dense_mask(pattern, q.shape[-2], device) if layout is None \
+            else masks.cached_document_mask(pattern, layout, device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=_grouped(q, k))
 
     return forward
 
@@ -168,51 +226,74 @@ def _compiled_flex():
 
 
 def _flex(sparsity: str):
-    def forward(q, k, v, *, causal: bool, **params) -> torch.Tensor:
+    def forward(q, k, v, *, causal: bool, layout: Layout | None = None, **params) -> torch.Tensor:
+        """One FlexAttention call with the block mask of the pattern, or (packed, padded) of the
+        pattern ∧ same document, one row of blocks per tensor row."""
         from torch.nn.attention.flex_attention import flex_attention
 
-        bm = masks.block_mask(_pattern(sparsity, causal, params), q.shape[-2], str(q.device))
+        pattern, device = _pattern(sparsity, causal, params), str(q.device)
+        bm = masks.block_mask(pattern, q.shape[-2], device) if layout is None \
+            else masks.document_block_mask(pattern, layout, device)
         # Eager flex (CPU) is FlexAttention's unfused reference: used by the tests, never timed.
         fn = _compiled_flex() if q.is_cuda else flex_attention
-        return fn(q, k, v, block_mask=bm)
+        return fn(q, k, v, block_mask=bm, enable_gqa=_grouped(q, k))
 
     return forward
 
 
-def local_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                  window: int) -> torch.Tensor:
-    return merged_attention(q, k, v, local_parts(q.shape[-2], window, causal))
-
-
-def atrous_reshape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                   rate: int) -> torch.Tensor:
-    return merged_attention(q, k, v, atrous_parts(q.shape[-2], rate, causal))
-
-
-def strided_merged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int,
-                   rate: int) -> torch.Tensor:
-    return merged_attention(q, k, v, strided_parts(q.shape[-2], window, rate, causal))
-
-
-def _parts_kernel(build, tiles: str):
-    """``kernel(point)``: what :func:`merged_attention` runs for the point's parts."""
+def _mask_kernel(what: str, packed: str, padded: str):
+    """``kernel(point)`` of a mask-based impl: ``what`` runs, with the mask of the layout."""
     def kernel(point: Point) -> str:
-        parts = build(point.seq_len, causal=point.causal, **point.params)
-        return describe(parts, point.seq_len, point.device, point.torch_dtype, point.head_dim, tiles)
+        how = {PACKED: packed, PADDED: padded}.get(point.layout, "")
+        return what + how + (", enable_gqa" if point.grouped else "")
 
     return kernel
 
 
-def local_xformers(q, k, v, *, causal: bool, window: int) -> torch.Tensor:
-    return xformers_attention(q, k, v, _pattern("local", causal, {"window": window}).xformers)
+def _structured(parts_of: PartsOf):
+    def forward(q, k, v, *, causal: bool, layout: Layout | None = None, **params) -> torch.Tensor:
+        return merged_attention(q, k, v, layout_parts(parts_of, q.shape[-2], causal, params, layout))
+
+    return forward
+
+
+def _parts_kernel(parts_of: PartsOf, tiles: str):
+    """``kernel(point)``: what :func:`merged_attention` runs for the point's parts."""
+    def kernel(point: Point) -> str:
+        layout = layout_of(point)
+        n = point.seq_len if layout is None else layout.width
+        parts = layout_parts(parts_of, n, point.causal, dict(point.params), layout)
+        text = describe(parts, n, point.device, point.torch_dtype, point.head_dim, tiles)
+        if layout is not None:
+            text += (f", in {len(layout.lengths[0])} packed documents" if layout.kind == PACKED
+                     else f", in {len(layout.lengths)} padded rows, no mask")
+        if point.grouped:
+            text += f", each of {point.heads // point.n_kv_heads} query heads per K/V head against K/V as they are"
+        return text
+
+    return kernel
+
+
+def structured_refusal(point: Point) -> str | None:
+    return PADDED_NON_CAUSAL if point.layout == PADDED and not point.causal and point.mode != DECODE else None
+
+
+def _local_xformers_bias(point: Point, layout: Layout | None) -> BiasSpec | None:
+    return window_bias(point.params["window"], point.causal, layout)
+
+
+def local_xformers(q, k, v, *, causal: bool, window: int, layout: Layout | None = None) -> torch.Tensor:
+    """One memory_efficient_attention call with xformers' local bias: block-diagonal when packed
+    (causal only: xformers has no non-causal one), the dense one when padded and causal."""
+    return xformers_attention(q, k, v, window_bias(window, causal, layout))
 
 
 # --- decoding: a KV cache of what the pattern can still reach ------------------------------------
 
-def _local_window_bias(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> masks.BiasSpec | None:
+def _local_window_bias(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) -> BiasSpec | None:
     """A local decode step reads the window and the new tokens; several new tokens see them through
     xformers' own local bias, aligned bottom-right (the keys the plan reads end with them)."""
-    return None if mask is None else masks.local_bias(params["window"], 0)
+    return None if mask is None else local_bias(params["window"], 0)
 
 
 def _pattern_decoder(sparsity: str, attend: Attend, what: str, mask_of: MaskOf = boolean_mask) -> Decoder:
@@ -220,8 +301,9 @@ def _pattern_decoder(sparsity: str, attend: Attend, what: str, mask_of: MaskOf =
                       f"{what} over the keys the pattern reaches (window, residue class) of the KV cache", mask_of)
 
 
+ALL_LAYOUTS = frozenset(LAYOUTS)
 FLEX_CAPS = Capabilities(
-    devices=frozenset({"cuda"}),
+    devices=frozenset({"cuda"}), layouts=ALL_LAYOUTS, gqa=True,
     device_reason="on CPU FlexAttention has no backward, and its forward is either unfused (the n² "
                   "scores materialised: not a sparse kernel) or compiled per shape (~18 s the first)")
 
@@ -236,42 +318,45 @@ class StructuredImpl:
     """The structure-exploiting impl of a pattern."""
 
     impl: str
-    forward: Callable[..., torch.Tensor]
-    kernel_name: Callable[[Point], str]
+    parts_of: PartsOf
+    tiles: str  # what its tiles are, for the kernel name
     summary: str
 
 
 STRUCTURED = {
-    "local": StructuredImpl("blocked", local_blocked, _parts_kernel(local_parts, "tiles"),
+    "local": StructuredImpl("blocked", local_parts, "tiles",
                             "blocks of w against their own and neighbouring blocks (full, causal, "
                             "anticausal fused calls) merged by log-sum-exp, O(n·w) memory"),
-    "atrous": StructuredImpl("reshape", atrous_reshape, _parts_kernel(atrous_parts, "residue classes"),
+    "atrous": StructuredImpl("reshape", atrous_parts, "residue classes",
                              "rate interleaved subsequences, each attended without mask, O(n²/rate) memory"),
-    "strided": StructuredImpl("merged", strided_merged, _parts_kernel(strided_parts, "tiles"),
+    "strided": StructuredImpl("merged", strided_parts, "tiles",
                               "local parts ⊕ residue-class parts beyond the window, fused calls merged by "
                               "log-sum-exp"),
 }
+STRUCTURED_CAPS = Capabilities(layouts=ALL_LAYOUTS, gqa=True, probe=structured_refusal)
 
 for _sparsity, _defaults in PATTERN_DEFAULTS.items():
     # One decode path per pattern: every impl of it computes the same function, so keeps the same cache.
     _common = dict(family="sparse", reference=_reference(_sparsity), flops=sparse_flops(_sparsity),
                    params=_defaults, decoder=_pattern_decoder(_sparsity, sdpa_attend, "sdpa"))
-    register(Entry(_sparsity, "dense", forward=_dense(_sparsity),
-                   kernel_name=lambda p: "sdpa with dense bool mask",
+    register(Entry(_sparsity, "dense", forward=_dense(_sparsity), caps=Capabilities(layouts=ALL_LAYOUTS, gqa=True),
+                   kernel_name=_mask_kernel("sdpa with dense bool mask", " of pattern ∧ same document",
+                                            " of pattern ∧ real keys, one per row"),
                    summary="SDPA with the dense boolean mask, O(n²) memory", **_common))
     register(Entry(_sparsity, "flex", forward=_flex(_sparsity), caps=FLEX_CAPS,
-                   kernel_name=lambda p: "flex_attention (torch.compile)",
+                   kernel_name=_mask_kernel("flex_attention (torch.compile)", " with the document block mask",
+                                            " with a block mask per padded row"),
                    summary="FlexAttention with the block mask", **_common))
-    _structured = STRUCTURED[_sparsity]
-    register(Entry(_sparsity, _structured.impl, forward=_structured.forward, kernel_name=_structured.kernel_name,
-                   summary=_structured.summary, **_common))
+    _impl = STRUCTURED[_sparsity]
+    register(Entry(_sparsity, _impl.impl, forward=_structured(_impl.parts_of), caps=STRUCTURED_CAPS,
+                   kernel_name=_parts_kernel(_impl.parts_of, _impl.tiles), summary=_impl.summary, **_common))
 
 register(Entry(
     "local", "xformers", "sparse", local_xformers, _reference("local"), sparse_flops("local"),
     params=PATTERN_DEFAULTS["local"],
-    caps=Capabilities(requires=("xformers",), probe=lambda p: xformers_unsupported(
-        p, _pattern("local", p.causal, dict(p.params)).xformers)),
-    kernel_name=lambda p: xformers_kernel(p, _pattern("local", p.causal, dict(p.params)).xformers),
+    caps=Capabilities(requires=("xformers",), layouts=ALL_LAYOUTS, gqa=True,
+                      probe=lambda p: xformers_unsupported(p, _local_xformers_bias)),
+    kernel_name=lambda p: xformers_kernel(p, _local_xformers_bias),
     decoder=_pattern_decoder("local", xformers_attend, "xformers memory_efficient_attention",
                              xformers_mask_of(_local_window_bias)),
     summary="xformers memory_efficient_attention with its local attention bias"))

@@ -41,7 +41,7 @@ from .layouts import (
 from .masks import FULL_CAUSAL, BiasSpec
 from .reference import exact_attention
 from .registry import DECODE, Capabilities, Entry, Point, condense, register
-from .xformers_ops import causal_bias, xformers_attention, xformers_kernel, xformers_unsupported
+from .xformers_ops import window_bias, xformers_attention, xformers_kernel, xformers_unsupported
 
 
 def dense_flops(point: Point) -> float:
@@ -205,6 +205,20 @@ def _xformers_bias(mask: torch.Tensor | None, keys: torch.Tensor, params: dict) 
     return None if mask is None else ("LowerTriangularFromBottomRightMask", ())
 
 
+# --- xformers: one call, the layout in its bias ---------------------------------------------------
+
+def _xformers_full_bias(point: Point, layout: Layout | None) -> BiasSpec | None:
+    return window_bias(None, point.causal, layout)
+
+
+def xformers_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                     layout: Layout | None = None) -> torch.Tensor:
+    """One memory_efficient_attention call, grouped heads in its 5-D form: packed documents through
+    its block-diagonal bias, padded rows through its padded-keys bias (non-causal) or its causal
+    mask alone (causal: padding keys come after every real query's keys)."""
+    return xformers_attention(q, k, v, window_bias(None, causal, layout))
+
+
 def _decoder(attend: Attend, what: str, mask_of: MaskOf = boolean_mask) -> Decoder:
     return kv_decoder(lambda params: FULL_CAUSAL, attend, f"{what} over the KV cache", mask_of)
 
@@ -238,11 +252,9 @@ for _impl, _backend, _caps in (
                    decoder=_sdpa_decoder(_backend),
                    summary=f"{_SUMMARY} through torch SDPA restricted to {_backend.name}"))
 
-register(Entry("standard", "xformers", "baseline",
-               lambda q, k, v, *, causal: xformers_attention(q, k, v, causal_bias(causal)),
-               reference, dense_flops,
-               caps=Capabilities(requires=("xformers",),
-                                 probe=lambda p: xformers_unsupported(p, causal_bias(p.causal))),
-               kernel_name=lambda p: xformers_kernel(p, causal_bias(p.causal)),
+register(Entry("standard", "xformers", "baseline", xformers_forward, reference, dense_flops,
+               caps=Capabilities(requires=("xformers",), layouts=frozenset(LAYOUTS), gqa=True,
+                                 probe=lambda p: xformers_unsupported(p, _xformers_full_bias)),
+               kernel_name=lambda p: xformers_kernel(p, _xformers_full_bias),
                decoder=_decoder(xformers_attend, "xformers memory_efficient_attention", xformers_mask_of(_xformers_bias)),
                summary=f"{_SUMMARY} through xformers memory_efficient_attention"))
