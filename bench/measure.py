@@ -37,6 +37,7 @@ import torch
 
 import variants
 from variants import layouts
+from variants.inputs import is_per_token, sliced
 from variants.registry import DECODE, Entry, Point
 
 from .device import Device, is_cuda_fault, open_device, peak_tflops, peaks
@@ -105,6 +106,18 @@ def _bwd(fn: Callable[[], torch.Tensor], inputs: tuple, grad_out: torch.Tensor) 
                 existing=(*inputs, grad_out, out))
 
 
+def extra_inputs(entry: Entry, point: Point, where: torch.device | str,
+                 tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """The entry's extra inputs (variants.inputs) for the point's q, k, v (``tokens`` per row instead,
+    when decoding), drawn from a generator of their own: q, k and v stay those of every other entry."""
+    if not entry.inputs:
+        return {}
+    gen = torch.Generator(device=where).manual_seed(SEED + 1)
+    rows, width = (point.batch, tokens) if tokens else layouts.token_shape(point)
+    return {x.name: x.draw(x.shape(rows, point.heads, point.n_kv_heads, width, point.head_dim), gen, where,
+                           point.torch_dtype) for x in entry.inputs}
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
     """Every tensor held by a cache (dataclasses of tensors, nested)."""
     if isinstance(value, torch.Tensor):
@@ -131,7 +144,7 @@ ModeCall = Callable[[Callable[[], torch.Tensor], tuple, torch.Tensor], Call]  # 
 
 def _kernel_call(mode_call: ModeCall, entry: Entry, point: Point, where: torch.device) -> tuple[Call, int]:
     q, k, v, grad_out = make_inputs(point, grad=point.needs_grad, where=where)
-    params, layout = dict(point.params), layouts.layout_of(point)
+    params, layout = {**point.params, **extra_inputs(entry, point, where)}, layouts.layout_of(point)
     call = mode_call(lambda: entry(q, k, v, causal=point.causal, layout=layout, **params), (q, k, v), grad_out)
     return call, sum(t.numel() * t.element_size() for t in (q, k, v))
 
@@ -146,11 +159,12 @@ def _kernel_outputs(entry: Entry, point: Point, where: torch.device) -> Outputs:
     q, k, v, upstream = make_inputs(point, grad=grad, where=where)
     inputs64 = tuple(t.detach().double().requires_grad_(grad) for t in (q, k, v))
     params, layout = dict(point.params), layouts.layout_of(point)
+    extras = extra_inputs(entry, point, where)
     real = layout.real if layout is not None else (lambda x: x)
     with torch.set_grad_enabled(grad):
-        out = entry(q, k, v, causal=point.causal, layout=layout, **params)
+        out = entry(q, k, v, causal=point.causal, layout=layout, **extras, **params)
         reference = layouts.reference_attention(entry.reference, *inputs64, causal=point.causal, layout=layout,
-                                                **params)
+                                                extras={n: x.double() for n, x in extras.items()}, **params)
     with torch.no_grad():
         softmax = layouts.reference_attention(_exact, *inputs64, causal=point.causal, layout=layout)
     if not grad:
@@ -170,6 +184,8 @@ class DecodeInputs:
     new: tuple[torch.Tensor, ...]
     tokens: tuple[torch.Tensor, ...]
     layout: layouts.Layout | None
+    extras: dict[str, torch.Tensor]  # the entry's extra inputs of every token
+    new_extras: dict[str, torch.Tensor]  # and of the new tokens
 
 
 def _decode_inputs(entry: Entry, point: Point, where: torch.device) -> DecodeInputs:
@@ -178,10 +194,15 @@ def _decode_inputs(entry: Entry, point: Point, where: torch.device) -> DecodeInp
     layout = layouts.layout_of(point)
     width = point.seq_len if layout is None else layout.width
     tokens = make_inputs(point, grad=False, tokens=width + point.q_len, upstream=False, where=where)
+    extras = extra_inputs(entry, point, where, tokens=width + point.q_len)
     _, k, v = tokens
+    prefix = (slice(None), slice(None), slice(None, width))
     extra = {"layout": layout} if layout is not None else {}
-    cache = entry.decoder.prefill(k[:, :, :width], v[:, :, :width], q_len=point.q_len, **extra, **dict(point.params))
-    return DecodeInputs(cache, tuple(t[:, :, width:].contiguous() for t in tokens), tokens, layout)
+    cache = entry.decoder.prefill(k[prefix], v[prefix], q_len=point.q_len, **extra,
+                                  **sliced(extras, prefix), **dict(point.params))
+    new = (slice(None), slice(None), slice(width, None))
+    return DecodeInputs(cache, tuple(t[new].contiguous() for t in tokens), tokens, layout, extras,
+                        sliced(extras, new))
 
 
 def _decode_call(entry: Entry, point: Point, where: torch.device) -> tuple[Call, int]:
@@ -191,7 +212,7 @@ def _decode_call(entry: Entry, point: Point, where: torch.device) -> tuple[Call,
 
     def run():
         with torch.no_grad():
-            return entry.decoder.step(*inputs.new, inputs.cache, **params)
+            return entry.decoder.step(*inputs.new, inputs.cache, **inputs.new_extras, **params)
 
     existing = (*inputs.new, *_tensors(inputs.cache))
     return Call(run, existing=existing), sum(t.numel() * t.element_size() for t in inputs.new)
@@ -208,7 +229,9 @@ def _last_rows(reference: Callable[..., torch.Tensor], inputs: DecodeInputs, q_l
     for i, length in enumerate(lengths):
         keep = torch.cat([torch.arange(length), torch.arange(width, width + q_len)]).to(q.device)
         seq = [t[i:i + 1].index_select(2, keep) for t in (q, k, v)]
-        rows.append(layouts.reference_attention(reference, *seq, causal=True, **params)[:, :, -q_len:])
+        extras = {name: x[i:i + 1].index_select(2, keep).double() if is_per_token(x) else x.double()
+                  for name, x in inputs.extras.items()}
+        rows.append(layouts.reference_attention(reference, *seq, causal=True, extras=extras, **params)[:, :, -q_len:])
     return torch.cat(rows)
 
 
@@ -216,7 +239,7 @@ def _decode_outputs(entry: Entry, point: Point, where: torch.device) -> Outputs:
     params = dict(point.params)
     with torch.no_grad():
         inputs = _decode_inputs(entry, point, where)
-        return Outputs(entry.decoder.step(*inputs.new, inputs.cache, **params),
+        return Outputs(entry.decoder.step(*inputs.new, inputs.cache, **inputs.new_extras, **params),
                        _last_rows(entry.reference, inputs, point.q_len, params),
                        _last_rows(_exact, inputs, point.q_len, {}))
 

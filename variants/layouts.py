@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .inputs import is_per_token, sliced
+
 if TYPE_CHECKING:
     from .registry import Point
 
@@ -212,17 +214,19 @@ def ungrouped(out: torch.Tensor, heads: int) -> torch.Tensor:
 
 # --- one document at a time ------------------------------------------------------------------------
 
-SequenceAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (q, k, v, causal)
+# (q, k, v, causal, **extras) -> out
+SequenceAttention = Callable[..., torch.Tensor]
 
 
 def per_document(attend: SequenceAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                 layout: Layout) -> torch.Tensor:
-    """``attend`` on each document alone (views of its tokens), its output placed where its queries
-    are, zeros at padding: a packed batch for a kernel without varlen support, one call per document."""
+                 layout: Layout, **extras: torch.Tensor) -> torch.Tensor:
+    """``attend`` on each document alone (views of its tokens and of its per-token ``extras``), its
+    output placed where its queries are, zeros at padding: a packed batch for a kernel without varlen
+    support, one call per document."""
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
     for row, start, length in layout.spans():
         doc = (slice(row, row + 1), slice(None), slice(start, start + length))
-        out[doc] = attend(q[doc], k[doc], v[doc], causal)
+        out[doc] = attend(q[doc], k[doc], v[doc], causal, **sliced(extras, doc))
     return out
 
 
@@ -230,12 +234,16 @@ def per_document(attend: SequenceAttention, q: torch.Tensor, k: torch.Tensor, v:
 
 def reference_attention(reference: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                         v: torch.Tensor, *, causal: bool, layout: Layout | None = None,
-                        **params) -> torch.Tensor:
+                        extras: dict[str, torch.Tensor] | None = None, **params) -> torch.Tensor:
     """``reference`` (an entry's plain float64 definition) for grouped heads and any layout, built
-    explicitly: K and V repeated to the query heads, each document attended alone and the outputs
-    placed where its queries are (zeros at padding)."""
-    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    explicitly: K and V (and the per-token ``extras``, which follow the KV heads) repeated to the
+    query heads, each document attended alone and the outputs placed where its queries are (zeros at
+    padding)."""
+    heads = q.shape[1]
+    k, v = repeat_kv(k, heads), repeat_kv(v, heads)
+    extras = {name: repeat_kv(x, heads) if is_per_token(x) else x for name, x in (extras or {}).items()}
     if layout is None:
-        return reference(q, k, v, causal=causal, **params)
-    return per_document(lambda q_, k_, v_, causal_: reference(q_, k_, v_, causal=causal_, **params), q, k, v,
-                        causal=causal, layout=layout)
+        return reference(q, k, v, causal=causal, **extras, **params)
+    return per_document(lambda q_, k_, v_, causal_, **extras_: reference(q_, k_, v_, causal=causal_, **extras_,
+                                                                         **params),
+                        q, k, v, causal=causal, layout=layout, **extras)

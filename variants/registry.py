@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .inputs import ExtraInput
 from .layouts import DENSE, Documents, Layout
 
 if TYPE_CHECKING:
@@ -161,6 +162,7 @@ class Entry:
     :class:`~variants.layouts.Layout` for packed and padded batches (only those, only where declared).
     ``reference`` is the naive float64-exact definition of one dense sequence with as many key/value
     as query heads, the impl is tested against (through ``variants.layouts.reference_attention``).
+    Both take the entry's ``inputs`` (:mod:`variants.inputs`: gates, β, sink logits) by keyword.
     ``flops(point)`` counts the forward work this impl really does (docs/measurement.md, "FLOP
     conventions"); like ``kernel_name(point)`` it expects ``point.params`` resolved (defaults filled
     in, :meth:`resolve`).
@@ -178,6 +180,7 @@ class Entry:
     tolerance: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
     summary: str = ""
     decoder: Decoder | None = None  # generation against a cache (mode DECODE); None: not supported
+    inputs: tuple[ExtraInput, ...] = ()  # taken beside q, k, v by keyword
 
     def __post_init__(self) -> None:
         if self.decoder is not None and True not in self.caps.causal:
@@ -218,8 +221,13 @@ class Entry:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                  layout: Layout | None = None, **params: Any) -> torch.Tensor:
-        extra = {"layout": layout} if layout is not None else {}
-        return self.forward(q, k, v, causal=causal, **extra, **self.resolve(params))
+        """The forward, with parameters resolved; the entry's extra inputs are among the keywords."""
+        names = {x.name for x in self.inputs}
+        extras = {name: value for name, value in params.items() if name in names}
+        if layout is not None:
+            extras["layout"] = layout
+        own = {name: value for name, value in params.items() if name not in names}
+        return self.forward(q, k, v, causal=causal, **extras, **self.resolve(own))
 
 
 _REGISTRY: dict[tuple[str, str], Entry] = {}
