@@ -72,10 +72,6 @@ class Segments:
         e = torch.exp(x - self.max(x.detach()))  # the max only guards exp: it cancels in the ratio
         return e / self.sum(e)
 
-    def same(self) -> torch.Tensor:
-        """``(rows, 1, width, width)`` boolean: which keys (columns) share each query's (row's) segment."""
-        return self.ids == self.ids.transpose(-2, -1)
-
     def _reduce(self, x: torch.Tensor, how: str) -> torch.Tensor:
         index = self.ids.expand_as(x)
         per_segment = x.new_zeros((*x.shape[:2], self.count, x.shape[-1]))
@@ -218,17 +214,19 @@ def _causal_rows(sim: torch.Tensor, group: int) -> torch.Tensor:
 
 # --- impls -----------------------------------------------------------------------------------------
 
+def _seen_keys(fk: torch.Tensor, layout: Layout | None) -> torch.Tensor:
+    """Key features with a padded row's padding keys zeroed: keys no query sees (packed rows run each
+    document alone, so only padded ones reach here)."""
+    return fk if layout is None else fk * layout.valid(fk.device)
+
+
 def _quadratic(fmap: FeatureMap):
     def forward(q, k, v, *, causal: bool, layout: Layout | None = None, **params) -> torch.Tensor:
-        """One n×n similarity block per KV head, its query group folded into the rows; a query sees
-        the keys of its own segment (document; a padded row's real keys), and those up to it when causal."""
+        """One n×n similarity block per KV head, its query group folded into the rows."""
         fq, fk = features(fmap, q, k, params, layout)
-        group = q.shape[1] // k.shape[1]
-        sim = grouped(fq, k.shape[1]) @ fk.transpose(-2, -1)
+        sim = grouped(fq, k.shape[1]) @ _seen_keys(fk, layout).transpose(-2, -1)
         if causal:
-            sim = _causal_rows(sim, group)
-        if layout is not None:
-            sim = (sim.unflatten(-2, (group, -1)) * segments_of(layout, q.device).same()[:, :, None]).flatten(-3, -2)
+            sim = _causal_rows(sim, q.shape[1] // k.shape[1])
         return ungrouped((sim @ v) / (sim.sum(-1, keepdim=True) + EPS), q.shape[1])
 
     return forward
@@ -236,10 +234,9 @@ def _quadratic(fmap: FeatureMap):
 
 def _linear(fmap: FeatureMap):
     def forward(q, k, v, *, causal: bool, layout: Layout | None = None, **params) -> torch.Tensor:
-        """One f×d state per KV head, read by its query group; padded rows' padding keys zeroed."""
+        """One f×d state per KV head, read by its query group."""
         fq, fk = features(fmap, q, k, params, layout)
-        if layout is not None:  # padded (packed runs per document): real queries see every key
-            fk = fk * layout.valid(k.device)
+        fk = _seen_keys(fk, layout)
         rows = grouped(fq, k.shape[1])
         normaliser = rows @ fk.sum(-2).unsqueeze(-1)
         return ungrouped((rows @ (fk.transpose(-2, -1) @ v)) / (normaliser + EPS), q.shape[1])
@@ -368,7 +365,9 @@ def _chunked(fmap: FeatureMap):
 def _documents_alone(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """``forward`` with a packed batch run on each document alone (views of its tokens): its sums
     and running sums are then exactly the document's own, restarted at each one, with nothing
-    subtracted (a whole-row cumulative sum minus the prefix before a document would cancel)."""
+    subtracted (a whole-row cumulative sum minus the prefix before a document would cancel), and its
+    work is the documents' (an n×n similarity matrix of the whole row masked by document would do
+    the work of one row-long sequence: for D equal documents, D times theirs)."""
     def run(q, k, v, *, causal: bool, layout: Layout | None = None, **params) -> torch.Tensor:
         if layout is None or layout.kind != PACKED:
             return forward(q, k, v, causal=causal, layout=layout, **params)
@@ -485,8 +484,9 @@ class LinearImpl:
 
 
 IMPLS = {
-    "quadratic": LinearImpl(_quadratic, _work_quadratic, frozenset({False, True}),
-                            layouts={PACKED: " with a same-document mask", PADDED: " with a key padding mask"}),
+    "quadratic": LinearImpl(lambda fmap: _documents_alone(_quadratic(fmap)), _work_quadratic,
+                            frozenset({False, True}),
+                            layouts={PACKED: " per document", PADDED: " with padding keys zeroed"}),
     "linear": LinearImpl(lambda fmap: _documents_alone(_linear(fmap)), _work_state, frozenset({False}),
                          "the global φ(K)ᵀV sum lets queries see future keys; use recurrent or chunked",
                          layouts={PACKED: " per document", PADDED: " with padding keys zeroed"}),
