@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .caches import cached_by_bytes
 from .decode import Decoder
 from .layouts import (
     LAYOUTS,
@@ -81,7 +82,7 @@ class Segments:
 WHOLE = Segments()
 
 
-@functools.lru_cache(maxsize=32)
+@cached_by_bytes(64 << 20)
 def _layout_segments(layout: Layout, device: str) -> Segments:
     ids = layout.document_ids(device).long()  # packed: the document; padded: 0, padding −1
     count = int(ids.max()) + 2  # the documents, then one for padding
@@ -310,7 +311,7 @@ class ChunkGrid:
             .index_select(2, self.scan)
 
 
-@functools.lru_cache(maxsize=32)
+@cached_by_bytes(64 << 20)
 def _packed_grid(layout: Layout, chunk: int, device: str) -> ChunkGrid:
     width = layout.width
     counts = [ceil_div(length, chunk) for _, _, length in layout.spans()]
