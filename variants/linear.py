@@ -45,15 +45,15 @@ from .registry import Capabilities, Entry, Point, ceil_div, register
 EPS = 1e-6  # keeps rows whose similarities are all zero (possible with relu) finite: they output 0
 
 
-# --- which keys a query's sums range over ----------------------------------------------------------
+# --- key sequences --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Segments:
-    """The key sequences of a batch's rows: a query sees the keys of its own segment only. Key maps
-    that reduce over the key sequence (softmax-qk's softmax, Performer's stabiliser) reduce per
-    segment. ``ids`` None: each row is one sequence (dense rows); else each position's segment
-    ``(rows, 1, width, 1)``: a packed row's documents, a padded row's document then its padding (the
-    padding keys in a segment of their own, so they never enter a real key's reduction)."""
+    """The key sequences of a batch's rows, over which key maps that reduce along the sequence
+    (softmax-qk's softmax, Performer's stabiliser) reduce. ``ids`` None: each row is one sequence
+    (dense rows); else each position's segment ``(rows, 1, width, 1)``: a packed row's documents, a
+    padded row's document then its padding (a segment of its own, so that padding keys never enter
+    a real key's reduction)."""
 
     ids: torch.Tensor | None = None
     count: int = 1  # segments per row
@@ -206,14 +206,12 @@ def features(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, params: dict,
     return fmap.query(q, **own), fmap.key(k, segments=segments_of(layout, k.device), **own)
 
 
-# --- grouped rows ----------------------------------------------------------------------------------
+# --- impls -----------------------------------------------------------------------------------------
 
 def _causal_rows(sim: torch.Tensor, group: int) -> torch.Tensor:
     """``sim`` with rows (group member, query) against keys, lower-triangular for each member."""
     return sim.unflatten(-2, (group, -1)).tril().flatten(-3, -2)
 
-
-# --- impls -----------------------------------------------------------------------------------------
 
 def _seen_keys(fk: torch.Tensor, layout: Layout | None) -> torch.Tensor:
     """Key features with a padded row's padding keys zeroed: keys no query sees (packed rows run each
@@ -273,8 +271,8 @@ class ChunkGrid:
     """Where the chunked impl puts a row's tokens: ``chunks`` chunks of ``chunk`` slots, no chunk
     holding two documents. Dense and padded rows are one sequence each, padded after φ with zeros to
     whole chunks. In a packed row every document starts a chunk of its own (as fla's varlen chunk
-    indices do), its last chunk's unused slots zero: a boundary inside a chunk costs those slots, and
-    chunks then need only the causal mask, and their carried state restarts at each document."""
+    indices do), its last chunk's unused slots zero (a boundary inside a chunk costs those slots): a
+    chunk then needs only the causal mask, and the carried state restarts at each document."""
 
     chunk: int
     width: int  # tokens per tensor row
@@ -307,8 +305,8 @@ class ChunkGrid:
             return _exclusive_cumsum(states, 2)
         rows, heads, _, *rest = states.shape
         grid = states.new_zeros(rows, heads, self.documents * self.longest, *rest).index_copy(2, self.scan, states)
-        return _exclusive_cumsum(grid.unflatten(2, (self.documents, self.longest)), 3).flatten(2, 3) \
-            .index_select(2, self.scan)
+        prefix = _exclusive_cumsum(grid.unflatten(2, (self.documents, self.longest)), 3)
+        return prefix.flatten(2, 3).index_select(2, self.scan)
 
 
 @cached_by_bytes(64 << 20)
