@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from support import why_not
+from test_linear_shapes import errors as layout_errors
 from typer.testing import CliRunner
 
 import variants
 from bench.cli import app
 from variants import Point, linear, linear_fla
+from variants.layouts import PACKED, PADDED, Layout
 from variants.registry import DEFAULT_TOLERANCE
 
 B, H, D = 2, 2, 16
@@ -80,19 +82,16 @@ def grads(fn, tensors, upstream, **kwargs):
     return out, torch.autograd.grad(out, leaves, upstream.to(out.dtype))
 
 
-def reference_errors(entry, q, k, v, upstream, params, dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """Relative errors (norm of the difference over the reference's norm) of the entry's output and q/k/v
-    gradients in ``dtype``, against the float64 reference's."""
-    expected, expected_grads = grads(entry.reference, (q, k, v), upstream, causal=True, **entry.resolve(params))
-    out, got_grads = grads(entry, [t.to(dtype) for t in (q, k, v)], upstream, causal=True, **params)
-    assert out.dtype == dtype and out.shape == q.shape
-    return {name: variants.relative_error(got, exp)
-            for name, got, exp in zip(("out", "dq", "dk", "dv"), (out, *got_grads), (expected, *expected_grads),
-                                      strict=True)}
+def reference_errors(entry, q, k, v, upstream, params, dtype: torch.dtype = torch.float32,
+                     layout: Layout | None = None) -> dict[str, float]:
+    """Relative errors of the entry's causal output and q/k/v gradients in ``dtype`` on the real tokens,
+    against the float64 reference's (each document alone, K and V repeated to the query heads)."""
+    errors = layout_errors(entry, q, k, v, upstream, layout, True, dtype, **params)
+    return dict(zip(("out", "dq", "dk", "dv"), errors, strict=True))
 
 
-def assert_matches_reference(entry, q, k, v, upstream, params, tol: float = TOL):
-    for name, err in reference_errors(entry, q, k, v, upstream, params).items():
+def assert_matches_reference(entry, q, k, v, upstream, params, tol: float = TOL, layout: Layout | None = None):
+    for name, err in reference_errors(entry, q, k, v, upstream, params, layout=layout).items():
         assert err <= tol, f"{entry.name} {name}: relative error {err:.3e}"
 
 
@@ -173,7 +172,32 @@ def test_kernel_names_the_op_that_runs():
     for name in NAMES:
         entry = variants.get(name)
         assert entry.kernel_name(Point(device="cuda", causal=True)) == linear_fla.FLA_OP
+        assert entry.kernel_name(Point(device="cuda", causal=True, layout=PADDED)) == linear_fla.FLA_OP
+        assert entry.kernel_name(Point(device="cuda", causal=True, layout=PACKED, heads=4, kv_heads=1)) == \
+            f"{linear_fla.FLA_OP} varlen (cu_seqlens) on φ(K), V repeated to the query heads"
     assert linear_fla.FLA_OP == "fla.ops.linear_attn.chunk_linear_attn"
+
+
+def test_packed_grouped_call():
+    """A packed row reaches fla as its varlen form (cu_seqlens: each document's end), grouped heads as φ(K)
+    and V repeated to the query heads (fla takes as many key heads as query heads), each KV head's keys
+    mapped once."""
+    layout = Layout(PACKED, ((1, 63, 64, 65, 38),))
+    q, k, v = inputs("fla-packed-call", 231, b=1, h=4, count=3)
+    k, v = k[:, :2], v[:, :2]
+    fmap = linear.FEATURE_MAPS[0]
+    seen = {}
+
+    def spy(q_, k_, v_, **kwargs):
+        seen.update(q=q_, k=k_, v=v_, kwargs=kwargs)
+        return v_, None
+
+    linear_fla.fla_linear_attention(q, k, v, fmap, {}, spy, layout)
+    assert seen["kwargs"]["cu_seqlens"].tolist() == [0, 1, 64, 128, 193, 231]
+    assert seen["q"].shape == seen["k"].shape == (1, 231, 4, D)
+    for head in range(4):
+        assert torch.equal(seen["k"][:, :, head], fmap.key(k[:, head // 2]))
+        assert torch.equal(seen["v"][:, :, head], v[:, head // 2])
 
 
 def test_chunk_op_takes_the_naive_call_and_eps(naive):
@@ -288,6 +312,42 @@ def test_kernel_matches_float64_reference(fla_kernels, name, n):
     entry = variants.get(name)
     q, k, v, upstream = inputs(f"fla-kernel-{name}-{n}", n)
     assert_matches_reference(entry, q, k, v, upstream, {}, tol=entry.tolerance["float32"])
+
+
+# Documents on and next to fla's chunk edges (64), and of length 1.
+DOCUMENTS = {50: (1, 20, 29), 231: (1, 63, 64, 65, 38)}
+
+
+@pytest.mark.parametrize("kind", [PACKED, PADDED])
+@pytest.mark.parametrize("n", [50, 231])
+@pytest.mark.parametrize("name", NAMES)
+def test_kernel_grouped_heads_and_documents(fla_kernels, name, n, kind):
+    """fla's chunk kernel, interpreted, for 4 query heads on 2 KV heads and documents packed (fla's
+    varlen cu_seqlens) or padded: outputs and q/k/v gradients on the real tokens against the float64
+    reference of each document alone."""
+    lengths = DOCUMENTS[n]
+    layout = Layout(PACKED, (lengths,)) if kind == PACKED else Layout(PADDED, tuple((m,) for m in lengths))
+    rows, width = len(layout.lengths), layout.width
+    q, upstream = inputs(f"fla-kernel-{name}-{n}-{kind}", width, b=rows, h=4, count=2)
+    k, v = inputs(f"fla-kernel-kv-{name}-{n}-{kind}", width, b=rows, h=2, count=2)
+    entry = variants.get(name)
+    params = {"features": 32} if "features" in entry.params else {}  # the interpreter's time grows with it
+    assert_matches_reference(entry, q, k, v, upstream, params, tol=entry.tolerance["float32"], layout=layout)
+
+
+def test_kernel_relu_row_without_similarity_inside_a_document(fla_kernels):
+    """The second packed document starts inside fla's chunk, after one with large key sums; its first
+    query has no similarity with its first key: the kernel's state restarts there (cu_seqlens), so the
+    row outputs 0 and its gradients match the definition's."""
+    layout = Layout(PACKED, ((90, 60),))
+    q, k, v, upstream = inputs("fla-relu-empty-document", 150, b=1, h=1)
+    k[..., :90, :] *= 10.0
+    sign = torch.where(torch.arange(D) < D // 2, 1.0, -1.0).double()
+    q[..., 90, :] = q[..., 90, :].abs() * sign
+    k[..., 90, :] = -k[..., 90, :].abs() * sign
+    assert float(torch.relu(q[0, 0, 90]) @ torch.relu(k[0, 0, 90])) == 0.0
+    entry = variants.get("linear-relu/fla")
+    assert_matches_reference(entry, q, k, v, upstream, {}, tol=entry.tolerance["float32"], layout=layout)
 
 
 def test_kernel_float16_is_refused_for_cause(fla_kernels):

@@ -18,7 +18,7 @@ from variants.reference import softmax_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
 
-D = 8
+D = 16
 # Documents on and next to the chunk and tile edges of the small parameters (32, 16), of length 1,
 # and odd ones: 1 + 31 + 32 + 33 + 1 + 16 + 17 + 50 = 181 tokens.
 EDGES = (1, 31, 32, 33, 1, 16, 17, 50)

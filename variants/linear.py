@@ -1,7 +1,8 @@
 """Linear (kernelised) attention: ``O_i = Σ_j sim(q_i,k_j) v_j / Σ_j sim(q_i,k_j)``, sim = φ(q)·φ(k).
 
-Layout ``(batch, heads, seq, head_dim)``. φ is applied to the raw q and k (the feature map plays the
-role of the 1/√d scale); the only normalisation is the division by Σ sim.
+Layout ``(batch, heads, seq, head_dim)``; k and v may have fewer heads than q (grouped-query: KV head
+``j`` serves query heads ``j·g … j·g+g−1``). φ is applied to the raw q and k (the feature map plays
+the role of the 1/√d scale); the only normalisation is the division by Σ sim.
 
 Impls, all computing the same function of the same φ:
 
@@ -9,6 +10,12 @@ Impls, all computing the same function of the same φ:
 * ``linear`` — non-causal ``φ(Q)(φ(K)ᵀV)`` in O(n·f·d);
 * ``recurrent`` — causal running sums of φ(k)vᵀ (a cumulative sum: O(n·f·d) memory);
 * ``chunked`` — causal, quadratic inside a chunk and a carried f×d state between chunks.
+
+Grouped heads: the state Σφ(k)vᵀ (and Σφ(k)) is built once per KV head and read by its whole query
+group — each group's queries are folded into the rows that read it, as :func:`layouts.grouped`
+does — so neither K, V nor a state is ever repeated. Documents (packed rows): a query's sums range
+over its own document only, so every state restarts at each document; padded rows: over the real
+keys only.
 """
 
 from __future__ import annotations
@@ -21,16 +28,79 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .caches import cached_by_bytes
 from .decode import Decoder, prefix_lengths
-from .layouts import DENSE, PACKED, PADDED, Layout, grouped, sum_over_sequences, ungrouped
+from .layouts import (
+    DENSE,
+    LAYOUTS,
+    PACKED,
+    PADDED,
+    Layout,
+    grouped,
+    per_document,
+    sum_over_sequences,
+    ungrouped,
+)
 from .registry import Capabilities, Entry, Point, ceil_div, register
 
 EPS = 1e-6  # keeps rows whose similarities are all zero (possible with relu) finite: they output 0
 
 
+# --- key sequences --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Segments:
+    """The key sequences of a batch's rows, over which key maps that reduce along the sequence
+    (softmax-qk's softmax, Performer's stabiliser) reduce. ``ids`` None: each row is one sequence
+    (dense rows); else each position's segment ``(rows, 1, width, 1)``: a packed row's documents, a
+    padded row's document then its padding (a segment of its own, so that padding keys never enter
+    a real key's reduction)."""
+
+    ids: torch.Tensor | None = None
+    count: int = 1  # segments per row
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """Each position's maximum of ``x`` over its segment (sequence dim −2), broadcastable to ``x``."""
+        return x.amax(-2, keepdim=True) if self.ids is None else self._reduce(x, "amax")
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Each position's sum of ``x`` over its segment, broadcastable to ``x``."""
+        return x.sum(-2, keepdim=True) if self.ids is None else self._reduce(x, "sum")
+
+    def softmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax over each segment's positions."""
+        if self.ids is None:
+            return torch.softmax(x, dim=-2)
+        e = torch.exp(x - self.max(x.detach()))  # the max only guards exp: it cancels in the ratio
+        return e / self.sum(e)
+
+    def _reduce(self, x: torch.Tensor, how: str) -> torch.Tensor:
+        index = self.ids.expand_as(x)
+        per_segment = x.new_zeros((*x.shape[:2], self.count, x.shape[-1]))
+        return per_segment.scatter_reduce(2, index, x, how, include_self=False).gather(2, index)
+
+
+WHOLE = Segments()
+
+
+@cached_by_bytes(64 << 20)
+def _layout_segments(layout: Layout, device: str) -> Segments:
+    ids = layout.document_ids(device).long()  # packed: the document; padded: 0, padding −1
+    count = int(ids.max()) + 2  # the documents, then one for padding
+    return Segments(torch.where(ids < 0, count - 1, ids)[:, None, :, None], count)
+
+
+def segments_of(layout: Layout | None, device: torch.device | str) -> Segments:
+    return WHOLE if layout is None else _layout_segments(layout, str(torch.device(device)))
+
+
+# --- feature maps ----------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class FeatureMap:
-    """φ for queries and keys (they differ for softmax-qk), its width and its own FLOPs per token."""
+    """φ for queries and keys (they differ for softmax-qk), its width and its own FLOPs per token.
+    ``query(x, **params)`` maps each token alone; ``key(x, segments=WHOLE, **params)`` may reduce over
+    the key sequence, then does so per segment."""
 
     name: str
     query: Callable[..., torch.Tensor]
@@ -44,6 +114,11 @@ class FeatureMap:
     # (keys, stabiliser or None, **params) -> (features, stabiliser used). A decode state keeps the
     # stabiliser and rescales its sums when new keys raise it; None for maps without one.
     stabilised_key: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def _per_token(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A key map of each token alone: the same in every segment."""
+    return lambda x, segments=WHOLE: fn(x)
 
 
 def elu1(x: torch.Tensor) -> torch.Tensor:
@@ -86,29 +161,33 @@ def _performer_query(x: torch.Tensor, features: int) -> torch.Tensor:
     return torch.exp(logits - logits.detach().amax(-1, keepdim=True)) / math.sqrt(features)
 
 
-def _performer_key(x: torch.Tensor, stabiliser: torch.Tensor | None,
-                   features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key features relative to one maximum per head (it cancels only if all keys share it), or to
-    ``stabiliser`` when that is larger (a decode step's new keys beside the prefix's)."""
+def _performer_key(x: torch.Tensor, stabiliser: torch.Tensor | None, features: int,
+                   segments: Segments = WHOLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key features relative to one maximum per key sequence — a head's, a document's, a padded row's
+    real keys' — or to ``stabiliser`` when that is larger (a decode step's new keys beside the
+    prefix's). The maximum cancels in a query's ratio only if every key it sees shares it; and one
+    shared across documents would not stay exact: a document whose keys lie far below it would have
+    its features, and its sums against ε, scaled down by exp(its maximum − the shared one)."""
     logits = _performer_logits(x, features)
-    shared = logits.detach().amax((-2, -1), keepdim=True)
+    shared = segments.max(logits.detach().amax(-1, keepdim=True))
     if stabiliser is not None:
         shared = torch.maximum(shared, stabiliser)
     return torch.exp(logits - shared) / math.sqrt(features), shared
 
 
 FEATURE_MAPS = [
-    FeatureMap("linear-elu1", lambda x: elu1(x), lambda x: elu1(x), lambda d: d,
+    FeatureMap("linear-elu1", elu1, _per_token(elu1), lambda d: d,
                summary="φ(x) = elu(x)+1 (Transformers are RNNs)"),
-    FeatureMap("linear-relu", lambda x: F.relu(x), lambda x: F.relu(x), lambda d: d,
+    FeatureMap("linear-relu", F.relu, _per_token(F.relu), lambda d: d,
                summary="φ(x) = relu(x)"),
-    FeatureMap("linear-softmax-qk", lambda x: torch.softmax(x, dim=-1), lambda x: torch.softmax(x, dim=-2),
-               lambda d: d,
+    FeatureMap("linear-softmax-qk", lambda x: torch.softmax(x, dim=-1),
+               lambda x, segments=WHOLE: segments.softmax(x), lambda d: d,
                causal_reason="φ(K) is a softmax over the whole key sequence, so every position sees future keys",
                summary="softmax of Q over features, of K over the sequence (Efficient Attention)"),
-    FeatureMap("linear-taylor", taylor, taylor, lambda d: d + 1,
+    FeatureMap("linear-taylor", taylor, _per_token(taylor), lambda d: d + 1,
                summary="sim = 1 + q̂·k̂ (first-order Taylor of exp on L2-normalised q, k)"),
-    FeatureMap("performer", _performer_query, lambda x, features: _performer_key(x, None, features)[0],
+    FeatureMap("performer", _performer_query,
+               lambda x, features, segments=WHOLE: _performer_key(x, None, features, segments)[0],
                lambda d, features: features, params={"features": 256},
                flops_per_token=lambda d, features: 2.0 * 2 * d * features,  # q and k projections
                summary="FAVOR+ positive orthogonal random features", stabilised_key=_performer_key),
@@ -121,65 +200,181 @@ def _map_params(fmap: FeatureMap, params: dict) -> dict:
     return {name: value for name, value in params.items() if name in fmap.params}
 
 
-def _features(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, params: dict):
+def features(fmap: FeatureMap, q: torch.Tensor, k: torch.Tensor, params: dict,
+             layout: Layout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """φ(q) with q's heads, φ(k) with k's (each KV head's keys mapped once), key reductions per segment."""
     own = _map_params(fmap, params)
-    return fmap.query(q, **own), fmap.key(k, **own)
+    return fmap.query(q, **own), fmap.key(k, segments=segments_of(layout, k.device), **own)
+
+
+# --- impls -----------------------------------------------------------------------------------------
+
+def _causal_rows(sim: torch.Tensor, group: int) -> torch.Tensor:
+    """``sim`` with rows (group member, query) against keys, lower-triangular for each member."""
+    return sim.unflatten(-2, (group, -1)).tril().flatten(-3, -2)
+
+
+def _seen_keys(fk: torch.Tensor, layout: Layout | None) -> torch.Tensor:
+    """Key features with a padded row's padding keys zeroed: keys no query sees (packed rows run each
+    document alone, so only padded ones reach here)."""
+    return fk if layout is None else fk * layout.valid(fk.device)
 
 
 def _quadratic(fmap: FeatureMap):
-    def forward(q, k, v, *, causal: bool, **params) -> torch.Tensor:
-        fq, fk = _features(fmap, q, k, params)
-        sim = fq @ fk.transpose(-2, -1)
+    def forward(q, k, v, *, causal: bool, layout: Layout | None = None, **params) -> torch.Tensor:
+        """One n×n similarity block per KV head, its query group folded into the rows."""
+        fq, fk = features(fmap, q, k, params, layout)
+        sim = grouped(fq, k.shape[1]) @ _seen_keys(fk, layout).transpose(-2, -1)
         if causal:
-            sim = sim.tril()
-        return (sim @ v) / (sim.sum(-1, keepdim=True) + EPS)
+            sim = _causal_rows(sim, q.shape[1] // k.shape[1])
+        return ungrouped((sim @ v) / (sim.sum(-1, keepdim=True) + EPS), q.shape[1])
 
     return forward
 
 
 def _linear(fmap: FeatureMap):
-    def forward(q, k, v, *, causal: bool, **params) -> torch.Tensor:
-        fq, fk = _features(fmap, q, k, params)
-        kv = fk.transpose(-2, -1) @ v  # (f, d)
-        normaliser = fq @ fk.sum(-2).unsqueeze(-1)
-        return (fq @ kv) / (normaliser + EPS)
+    def forward(q, k, v, *, causal: bool, layout: Layout | None = None, **params) -> torch.Tensor:
+        """One f×d state per KV head, read by its query group."""
+        fq, fk = features(fmap, q, k, params, layout)
+        fk = _seen_keys(fk, layout)
+        rows = grouped(fq, k.shape[1])
+        normaliser = rows @ fk.sum(-2).unsqueeze(-1)
+        return ungrouped((rows @ (fk.transpose(-2, -1) @ v)) / (normaliser + EPS), q.shape[1])
 
     return forward
 
 
 def _recurrent(fmap: FeatureMap):
-    def forward(q, k, v, *, causal: bool, **params) -> torch.Tensor:
-        fq, fk = _features(fmap, q, k, params)
+    def forward(q, k, v, *, causal: bool, layout: Layout | None = None, **params) -> torch.Tensor:
+        """Running sums per KV head; at each position its query group's rows read that position's
+        state. Padded rows need nothing: their padding comes after every real query."""
+        fq, fk = features(fmap, q, k, params, layout)
+        kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
         state = torch.cumsum(fk.unsqueeze(-1) * v.unsqueeze(-2), dim=-3)  # Σ_{j<=i} φ(k_j) v_jᵀ
-        normaliser = (fq * torch.cumsum(fk, dim=-2)).sum(-1, keepdim=True)
-        return torch.einsum("...nf,...nfd->...nd", fq, state) / (normaliser + EPS)
+        z = torch.cumsum(fk, dim=-2).unsqueeze(-1)
+        rows = fq.unflatten(1, (kv_heads, group)).transpose(2, 3)  # (b, kv, n, group, f)
+        out = (rows @ state) / (rows @ z + EPS)
+        return out.transpose(2, 3).flatten(1, 2)
 
     return forward
+
+
+def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ of the entries before each along ``dim``: the inclusive prefix shifted by one (not cumsum − x:
+    that cancels catastrophically in the backward pass when a row's similarities are all zero and
+    its gradient is ~1/EPS)."""
+    inclusive = torch.cumsum(x, dim).narrow(dim, 0, x.shape[dim] - 1)
+    return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), inclusive], dim)
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """Where the chunked impl puts a row's tokens: ``chunks`` chunks of ``chunk`` slots, no chunk
+    holding two documents. Dense and padded rows are one sequence each, padded after φ with zeros to
+    whole chunks. In a packed row every document starts a chunk of its own (as fla's varlen chunk
+    indices do), its last chunk's unused slots zero (a boundary inside a chunk costs those slots): a
+    chunk then needs only the causal mask, and the carried state restarts at each document."""
+
+    chunk: int
+    width: int  # tokens per tensor row
+    chunks: int
+    # packed only: each slot's token (``width``: a zero token), each token's slot, and each chunk's
+    # place on the (document, chunk of the document) grid of ``documents`` × ``longest`` chunks
+    slots: torch.Tensor | None = None
+    places: torch.Tensor | None = None
+    scan: torch.Tensor | None = None
+    documents: int = 1
+    longest: int = 0
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``(rows, h, width, e)`` on the grid: ``(rows, h, chunks, chunk, e)``."""
+        if self.slots is None:
+            x = F.pad(x, (0, 0, 0, self.chunks * self.chunk - self.width))
+        else:
+            x = F.pad(x, (0, 0, 0, 1)).index_select(2, self.slots)
+        return x.unflatten(2, (self.chunks, self.chunk))
+
+    def untokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`tokens` on ``(rows, h, chunks·chunk, e)``: ``(rows, h, width, e)``."""
+        return x[:, :, :self.width] if self.slots is None else x.index_select(2, self.places)
+
+    def exclusive_prefix(self, states: torch.Tensor) -> torch.Tensor:
+        """Each chunk's sum of ``states`` ``(rows, h, chunks, ...)`` over the earlier chunks of its own
+        document: a cumulative sum restarted at each document, computed on the (document, chunk)
+        grid, so nothing is subtracted."""
+        if self.scan is None:
+            return _exclusive_cumsum(states, 2)
+        rows, heads, _, *rest = states.shape
+        grid = states.new_zeros(rows, heads, self.documents * self.longest, *rest).index_copy(2, self.scan, states)
+        prefix = _exclusive_cumsum(grid.unflatten(2, (self.documents, self.longest)), 3)
+        return prefix.flatten(2, 3).index_select(2, self.scan)
+
+
+@cached_by_bytes(64 << 20)
+def _packed_grid(layout: Layout, chunk: int, device: str) -> ChunkGrid:
+    width = layout.width
+    counts = [ceil_div(length, chunk) for _, _, length in layout.spans()]
+    slots, scan = [], []
+    for document, ((_, start, length), count) in enumerate(zip(layout.spans(), counts, strict=True)):
+        token = start + torch.arange(count * chunk)
+        slots.append(torch.where(token < start + length, token, width))
+        scan.append(document * max(counts) + torch.arange(count))
+    slots = torch.cat(slots)
+    places = torch.nonzero(slots < width)[:, 0]  # real slots hold the tokens in order
+    return ChunkGrid(chunk, width, len(slots) // chunk, slots.to(device), places.to(device),
+                     torch.cat(scan).to(device), len(counts), max(counts))
+
+
+def chunk_grid(layout: Layout | None, width: int, chunk: int, device: torch.device | str) -> ChunkGrid:
+    if layout is not None and layout.kind == PACKED:
+        return _packed_grid(layout, chunk, str(torch.device(device)))
+    return ChunkGrid(chunk, width, ceil_div(width, chunk))
+
+
+def _chunk_rows(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Queries on the grid ``(rows, heads, chunks, chunk, f)`` as ``(rows, kv_heads, chunks,
+    group·chunk, f)``: each chunk's rows hold its KV head's whole query group (a copy when grouped)."""
+    return x.unflatten(1, (kv_heads, -1)).transpose(2, 3).flatten(3, 4)
+
+
+def _unchunk_rows(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The inverse of :func:`_chunk_rows` on an output, flattened to ``(rows, heads, chunks·chunk, d)``."""
+    return x.unflatten(3, (-1, chunk)).transpose(2, 3).flatten(1, 2).flatten(2, 3)
 
 
 def _chunked(fmap: FeatureMap):
-    def forward(q, k, v, *, causal: bool, chunk: int, **params) -> torch.Tensor:
-        fq, fk = _features(fmap, q, k, params)
-        b, h, n, _ = v.shape
-        n_chunks = ceil_div(n, chunk)
-        pad = n_chunks * chunk - n
-        # Padding after φ with zeros: padded keys contribute nothing, padded queries are dropped.
-        fq, fk, vc = (F.pad(x, (0, 0, 0, pad)).view(b, h, n_chunks, chunk, x.shape[-1]) for x in (fq, fk, v))
-        inside = (fq @ fk.transpose(-2, -1)).tril()
+    def forward(q, k, v, *, causal: bool, chunk: int, layout: Layout | None = None, **params) -> torch.Tensor:
+        """Quadratic within a chunk, a carried f×d state per KV head between chunks, restarted at
+        each document. Padded rows need nothing: their padding comes after every real query."""
+        fq, fk = features(fmap, q, k, params, layout)
+        grid = chunk_grid(layout, q.shape[2], chunk, q.device)
+        group = q.shape[1] // k.shape[1]
+        fq, fk, vc = _chunk_rows(grid.tokens(fq), k.shape[1]), grid.tokens(fk), grid.tokens(v)
+        inside = _causal_rows(fq @ fk.transpose(-2, -1), group)
         # State carried into each chunk: Σ over earlier chunks, accumulated in at least float32.
         acc = torch.promote_types(v.dtype, torch.float32)
-        kv = (fk.transpose(-2, -1) @ vc).to(acc)
-        z = fk.sum(-2).to(acc)
-        # Exclusive prefix by shifting the inclusive one (not cumsum − x: that cancels catastrophically
-        # in the backward pass when a row's similarities are all zero and its gradient is ~1/EPS).
-        kv_before = F.pad(torch.cumsum(kv, dim=2)[:, :, :-1], (0, 0, 0, 0, 1, 0)).to(v.dtype)
-        z_before = F.pad(torch.cumsum(z, dim=2)[:, :, :-1], (0, 0, 1, 0)).to(v.dtype).unsqueeze(-1)
+        kv_before = grid.exclusive_prefix((fk.transpose(-2, -1) @ vc).to(acc)).to(v.dtype)
+        z_before = grid.exclusive_prefix(fk.sum(-2).to(acc)).to(v.dtype).unsqueeze(-1)
         numerator = inside @ vc + fq @ kv_before
         normaliser = inside.sum(-1, keepdim=True) + fq @ z_before
-        out = numerator / (normaliser + EPS)
-        return out.reshape(b, h, n_chunks * chunk, -1)[:, :, :n]
+        return grid.untokens(_unchunk_rows(numerator / (normaliser + EPS), chunk))
 
     return forward
+
+
+def _documents_alone(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``forward`` with a packed batch run on each document alone (views of its tokens): its sums
+    and running sums are then exactly the document's own, restarted at each one, with nothing
+    subtracted (a whole-row cumulative sum minus the prefix before a document would cancel), and its
+    work is the documents' (an n×n similarity matrix of the whole row masked by document would do
+    the work of one row-long sequence: for D equal documents, D times theirs)."""
+    def run(q, k, v, *, causal: bool, layout: Layout | None = None, **params) -> torch.Tensor:
+        if layout is None or layout.kind != PACKED:
+            return forward(q, k, v, causal=causal, layout=layout, **params)
+        return per_document(lambda q_, k_, v_, causal_: forward(q_, k_, v_, causal=causal_, **params),
+                            q, k, v, causal=causal, layout=layout)
+
+    return run
 
 
 # Forward matmul work per (batch, head) of each impl, for n tokens, f features, head dim d.
@@ -296,24 +491,36 @@ def linear_decoder(fmap: FeatureMap) -> Decoder:
 
 @dataclass(frozen=True)
 class LinearImpl:
-    """How one impl computes a feature map's attention, and which masking it can do (and why not)."""
+    """How one impl computes a feature map's attention, which masking it can do (and why not), and
+    how it runs each layout (what the kernel column adds)."""
 
     make: Callable[[FeatureMap], Callable[..., torch.Tensor]]
     work: Callable[..., float]  # forward matmul work per (batch, head)
     causal: frozenset[bool]
     causal_reason: str = ""
     params: dict = field(default_factory=dict)
+    layouts: dict[str, str] = field(default_factory=dict)
 
 
 IMPLS = {
-    "quadratic": LinearImpl(_quadratic, _work_quadratic, frozenset({False, True})),
-    "linear": LinearImpl(_linear, _work_state, frozenset({False}),
-                         "the global φ(K)ᵀV sum lets queries see future keys; use recurrent or chunked"),
-    "recurrent": LinearImpl(_recurrent, _work_state, frozenset({True}),
-                            "running sums compute the causal prefix; use linear when non-causal"),
+    "quadratic": LinearImpl(lambda fmap: _documents_alone(_quadratic(fmap)), _work_quadratic,
+                            frozenset({False, True}),
+                            layouts={PACKED: " per document", PADDED: " with padding keys zeroed"}),
+    "linear": LinearImpl(lambda fmap: _documents_alone(_linear(fmap)), _work_state, frozenset({False}),
+                         "the global φ(K)ᵀV sum lets queries see future keys; use recurrent or chunked",
+                         layouts={PACKED: " per document", PADDED: " with padding keys zeroed"}),
+    "recurrent": LinearImpl(lambda fmap: _documents_alone(_recurrent(fmap)), _work_state, frozenset({True}),
+                            "running sums compute the causal prefix; use linear when non-causal",
+                            layouts={PACKED: " per document"}),
     "chunked": LinearImpl(_chunked, _work_chunked, frozenset({True}),
-                          "chunking carries the causal prefix; use linear when non-causal", {"chunk": 64}),
+                          "chunking carries the causal prefix; use linear when non-causal", {"chunk": 64},
+                          layouts={PACKED: " on chunks aligned to documents"}),
 }
+
+
+def _kernel_name(impl: str, layouts: dict[str, str]) -> Callable[[Point], str]:
+    return lambda point: f"eager {impl}{layouts.get(point.layout, '')}"
+
 
 for _fmap in FEATURE_MAPS:
     for _name, _impl in IMPLS.items():
@@ -325,7 +532,7 @@ for _fmap in FEATURE_MAPS:
         register(Entry(
             _fmap.name, _name, "linear", _impl.make(_fmap), _quadratic(_fmap), _flops(_fmap, _impl.work),
             params={**_fmap.params, **_impl.params},
-            caps=Capabilities(causal=_causal, causal_reason=_why),
+            caps=Capabilities(causal=_causal, causal_reason=_why, layouts=frozenset(LAYOUTS), gqa=True),
             decoder=linear_decoder(_fmap) if True in _causal else None,
-            kernel_name=functools.partial(lambda p, impl: f"eager {impl}", impl=_name),
+            kernel_name=_kernel_name(_name, _impl.layouts),
             summary=_fmap.summary))

@@ -5,6 +5,14 @@ The same function as ``variants.linear`` (same φ, same normaliser, same ε, sam
 φ is applied here, in this project's ``(batch, heads, seq, ·)`` layout, and fla's chunk op computes the
 causal ``Σ_{j≤i} φ(q_i)·φ(k_j) v_j / (φ(q_i)·Σ_{j≤i} φ(k_j) + ε)`` on ``(batch, seq, heads, ·)`` views.
 
+Packed rows run as fla's varlen form: one row, ``cu_seqlens`` marking each document, whose state
+restarts (fla gives every sequence chunks of its own). Padded rows run as they are: their padding
+comes after every real query, and Performer's stabiliser is taken over the real keys. Grouped-query
+heads: fla's linear_attn takes as many key heads as query heads (its normaliser multiplies each query
+head's φ(q) by the same head's running Σφ(k), and its chunk kernels read q and k at one head index;
+only value heads may be more), so φ(K) — mapped once per KV head — and V are repeated to the query
+heads: one state per query head, the copy timed with the rest, as the kernel column says.
+
 fla's kernels are Triton GPU kernels, so ``fla`` is imported only when an entry runs. On CPU the adapter
 (:func:`fla_linear_attention`) is tested over fla's own naive torch op instead of the kernel.
 """
@@ -21,7 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .linear import EPS, FEATURE_MAPS, FeatureMap
+from .layouts import LAYOUTS, PACKED, Layout, repeat_kv
+from .linear import EPS, FEATURE_MAPS, FeatureMap, features
 from .registry import DEFAULT_TOLERANCE, Capabilities, Entry, Point, get, register
 
 FLA_OP = "fla.ops.linear_attn.chunk_linear_attn"  # what runs, and what the kernel column says
@@ -43,16 +52,29 @@ LinearAttentionOp = Callable[..., tuple[torch.Tensor, Any]]
 
 
 def fla_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmap: FeatureMap,
-                         params: Mapping[str, Any], op: LinearAttentionOp) -> torch.Tensor:
-    """Causal linear attention of ``fmap`` over ``(batch, heads, seq, head_dim)`` tensors, computed by
-    ``op`` (fla's chunk op, or its naive torch twin in tests) with fla's own normalisation."""
-    # φ here, not in fla's layout: performer's key map takes its maximum over (seq, features) of a head.
-    fq, fk = fmap.query(q, **params), fmap.key(k, **params)
+                         params: Mapping[str, Any], op: LinearAttentionOp,
+                         layout: Layout | None = None) -> torch.Tensor:
+    """Causal linear attention of ``fmap`` over ``(batch, heads, seq, head_dim)`` tensors (k, v with as
+    many or fewer heads), computed by ``op`` (fla's chunk op, or its naive torch twin in tests) with
+    fla's own normalisation; a packed ``layout`` as ``cu_seqlens``."""
+    # φ here, not in fla's layout: performer's key map takes its maximum over (seq, features) of a
+    # head's keys (of each document's, of a padded row's real ones).
+    fq, fk = features(fmap, q, k, dict(params), layout)
     if fq.shape[-1] % 2:
         # fla's 16-bit backward asserts an even feature width; a zero feature changes no similarity.
         fq, fk = F.pad(fq, (0, 1)), F.pad(fk, (0, 1))
-    out, _ = op(fq.transpose(1, 2), fk.transpose(1, 2), v.transpose(1, 2), scale=SCALE, normalize=True)
+    fk, v = repeat_kv(fk, q.shape[1]), repeat_kv(v, q.shape[1])  # fla: as many key heads as query heads
+    packed = layout is not None and layout.kind == PACKED
+    varlen = {"cu_seqlens": _cu_seqlens(layout, str(q.device))} if packed else {}
+    out, _ = op(fq.transpose(1, 2), fk.transpose(1, 2), v.transpose(1, 2), scale=SCALE, normalize=True, **varlen)
     return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=32)
+def _cu_seqlens(layout: Layout, device: str) -> torch.Tensor:
+    """fla's (and FlashAttention's) varlen boundaries of a packed row: [0, end of each document]."""
+    lengths = torch.tensor(layout.lengths[0], dtype=torch.long)
+    return F.pad(torch.cumsum(lengths, 0), (1, 0)).to(device)
 
 
 @functools.cache
@@ -62,10 +84,10 @@ def _fla_op() -> LinearAttentionOp:
 
 
 def _forward(fmap: FeatureMap):
-    def forward(q, k, v, *, causal: bool, **params) -> torch.Tensor:
+    def forward(q, k, v, *, causal: bool, layout: Layout | None = None, **params) -> torch.Tensor:
         if not causal:
             raise ValueError(f"{fmap.name}/fla: {NON_CAUSAL_REASON}")
-        return fla_linear_attention(q, k, v, fmap, params, _fla_op())
+        return fla_linear_attention(q, k, v, fmap, params, _fla_op(), layout)
 
     return forward
 
@@ -89,10 +111,17 @@ CAPS = Capabilities(
     devices=frozenset({"cuda"}),
     dtypes=frozenset({"float32", "float16", "bfloat16"}),  # fla computes in float32 at most
     causal=frozenset({True}),
+    layouts=frozenset(LAYOUTS),
+    gqa=True,
     requires=("fla",),
     device_reason="fla's linear_attn kernels are Triton GPU kernels",
     causal_reason=NON_CAUSAL_REASON,
     probe=probe)
+
+
+def kernel_name(point: Point) -> str:
+    varlen = " varlen (cu_seqlens)" if point.layout == PACKED else ""
+    return FLA_OP + varlen + (" on φ(K), V repeated to the query heads" if point.grouped else "")
 
 
 def _flops(chunked: Entry) -> Callable[[Point], float]:
@@ -106,5 +135,5 @@ for _fmap in FEATURE_MAPS:
     _chunked = get(_fmap.name, "chunked")
     register(Entry(
         _fmap.name, "fla", "linear", _forward(_fmap), _chunked.reference, _flops(_chunked),
-        params=dict(_fmap.params), caps=CAPS, kernel_name=lambda p: FLA_OP,
+        params=dict(_fmap.params), caps=CAPS, kernel_name=kernel_name,
         tolerance=TOLERANCE, summary=f"{_fmap.summary}, causal through fla's chunk_linear_attn (Triton)"))

@@ -3,6 +3,11 @@
 Layout ``(batch, heads, seq, head_dim)``. ``O = softmax(Q (E K)ᵀ / √d) (E V)`` with E a fixed
 ``(proj_len, n)`` Gaussian projection (seeded), standing in for the learned one so the op can be
 benchmarked on its own. Not causal: E mixes every position, future ones included.
+
+Grouped-query heads: E projects each KV head's keys and values once, and SDPA reads them for the
+whole query group (``enable_gqa``). Packed and padded rows are refused: E is fixed for a sequence
+length, so one projection of a whole row would mix documents (or padding) into every key, and one
+projection per document would be a different function of each document's length.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ def _project(k: torch.Tensor, v: torch.Tensor, proj_len: int):
 
 
 def projected(q, k, v, *, causal: bool, proj_len: int) -> torch.Tensor:
-    kp, vp = _project(k, v, proj_len)
-    return F.scaled_dot_product_attention(q, kp, vp)
+    kp, vp = _project(k, v, proj_len)  # once per KV head
+    return F.scaled_dot_product_attention(q, kp, vp, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def reference(q, k, v, *, causal: bool, proj_len: int) -> torch.Tensor:
@@ -49,7 +54,10 @@ def flops(point: Point) -> float:
 
 register(Entry(
     "linformer", "projected", "lowrank", projected, reference, flops, params={"proj_len": 256},
-    caps=Capabilities(causal=frozenset({False}),
-                      causal_reason="projecting along the sequence mixes future tokens into every key"),
-    kernel_name=lambda p: "projection matmuls + sdpa",
+    caps=Capabilities(causal=frozenset({False}), gqa=True,
+                      causal_reason="projecting along the sequence mixes future tokens into every key",
+                      layout_reason="E projects a whole row along its length: across a packed row it mixes "
+                                    "documents (a padded row: padding) into every key, and a projection "
+                                    "per document would be another function (E is fixed per length)"),
+    kernel_name=lambda p: "projection matmuls + sdpa" + (" (enable_gqa)" if p.grouped else ""),
     summary="K, V projected along the sequence to proj_len, then SDPA"))
