@@ -48,7 +48,10 @@ class Task:
         p = self.point
         new = f" q={p.q_len}" if p.mode == DECODE else ""
         kv = f" kv={p.n_kv_heads}" if p.grouped else ""
-        layout = f" {p.layout}({p.documents.distribution}×{p.documents.count})" if p.layout != DENSE else ""
+        layout = ""
+        if p.layout != DENSE:  # decoding, a serving batch: one sequence each, its cache length drawn
+            documents = p.documents.distribution + ("" if p.mode == DECODE else f"×{p.documents.count}")
+            layout = f" {p.layout}({documents})"
         return (f"{self.name} {p.mode}{' causal' if p.causal else ''} b={p.batch} h={p.heads}{kv} "
                 f"n={p.seq_len}{new} d={p.head_dim} {p.dtype}{layout}")
 
