@@ -37,7 +37,12 @@ def test_fake_cuda_matches_the_real_signatures():
     for name in FakeCuda.FAKED:
         real = getattr(torch.cuda, name)
         real = real.__new__ if inspect.isclass(real) else real
-        real_params = [p for p in inspect.signature(real).parameters.values()
+        try:
+            signature = inspect.signature(real)
+        except ValueError:  # a C builtin in CUDA builds (_exchange_device); CPU builds have a Python stub
+            # with its signature, checked by the main job
+            continue
+        real_params = [p for p in signature.parameters.values()
                        if p.name not in ("cls", "self", "kwargs") and p.kind is not p.VAR_KEYWORD]
         fake_params = inspect.signature(getattr(fake, name)).parameters
         for param in real_params:
