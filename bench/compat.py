@@ -1,4 +1,4 @@
-"""Version-tolerant accessors of torch internals, for every torch the project supports (2.9 - 2.14).
+"""Version-tolerant accessors of torch internals, for every torch in pyproject's range.
 
 Each accessor returns ``None`` where the installed torch lacks what it reads, so that its caller
 takes a fallback that keeps the feature working instead of failing with an ``AttributeError``.

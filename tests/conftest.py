@@ -98,3 +98,23 @@ def triton_interpreter() -> None:
     """Skips the test unless Triton kernels run here on CPU tensors, through the interpreter."""
     if INTERPRETER_REASON is not None:
         pytest.skip(INTERPRETER_REASON)
+
+
+# --- torch_compat: the tests of what changes between torch releases -----------------------------------
+# Private aten ops called positionally (variants/merged.py), dynamo settings set by name
+# (variants/sparse.py), profiler events and the compat shims (bench/profile.py, bench/compat.py), SDPA
+# probes (variants/standard.py), FlexAttention, the timers and CUDA primitives (bench/timers.py,
+# bench/device.py), decode masks (variants/decode.py), xformers against its torch, the declared range.
+# .ci/run runs these (`pytest -m torch_compat`) on the oldest torch of pyproject's range too. Marked by
+# module, so that a test added to one of these files is covered without a decorator; the marker is
+# declared in pyproject.toml.
+TORCH_COMPAT_MODULES = frozenset({
+    "test_decode.py", "test_gpu_path.py", "test_masks.py", "test_profile.py", "test_sparse_fused.py",
+    "test_timers.py", "test_torch_compat.py", "test_variants.py", "test_xformers_reasons.py",
+})
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # Before collection ends, so that `-m torch_compat` selects on it.
+    if item.path.name in TORCH_COMPAT_MODULES:
+        item.add_marker(pytest.mark.torch_compat)
