@@ -103,14 +103,16 @@ def triton_interpreter() -> None:
 # --- torch_compat: the tests of what changes between torch releases -----------------------------------
 # Private aten ops called positionally (variants/merged.py), dynamo settings set by name
 # (variants/sparse.py), profiler events and the compat shims (bench/profile.py, bench/compat.py), SDPA
-# probes (variants/standard.py), FlexAttention, the timers and CUDA primitives (bench/timers.py,
-# bench/device.py), decode masks (variants/decode.py), xformers against its torch, the declared range.
+# probes and enable_gqa (variants/standard.py), FlexAttention and its document masks, the timers and
+# CUDA primitives (bench/timers.py, bench/device.py), decode masks (variants/decode.py), xformers'
+# bias classes and its build against torch, the declared range.
 # .ci/run runs these (`pytest -m torch_compat`) on the oldest torch of pyproject's range too. Marked by
 # module, so that a test added to one of these files is covered without a decorator; the marker is
 # declared in pyproject.toml.
 TORCH_COMPAT_MODULES = frozenset({
-    "test_decode.py", "test_gpu_path.py", "test_masks.py", "test_profile.py", "test_sparse_fused.py",
-    "test_timers.py", "test_torch_compat.py", "test_variants.py", "test_xformers_reasons.py",
+    "test_decode.py", "test_decode_shapes.py", "test_gpu_path.py", "test_masks.py", "test_profile.py",
+    "test_shapes.py", "test_sparse_fused.py", "test_timers.py", "test_torch_compat.py", "test_variants.py",
+    "test_xformers_layouts.py", "test_xformers_reasons.py",
 })
 
 

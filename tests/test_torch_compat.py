@@ -70,3 +70,10 @@ def test_xformers_built_for_this_torch_loads_its_extension():
         pytest.skip(f"xformers {importlib.metadata.version('xformers')} is not built for one torch release")
     assert all(s.contains(Version(torch.__version__).public) for s in pins), (pins, torch.__version__)
     assert xformers_ops.xformers_build_mismatch(xformers_ops._xformers_load_exception()) is None
+
+
+def test_every_torch_compat_module_exists():
+    """A renamed test module would drop out of the oldest torch's CI job without a word."""
+    from conftest import TORCH_COMPAT_MODULES
+
+    assert not sorted(m for m in TORCH_COMPAT_MODULES if not ROOT.joinpath("tests", m).is_file())

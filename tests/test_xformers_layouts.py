@@ -89,7 +89,10 @@ def test_refusals_say_which_class_is_missing():
     for layout in (PACKED, PADDED):
         point = variants.Point(heads=4, head_dim=64, layout=layout, documents=Documents(), params=entry.resolve())
         assert why_not(entry, point).startswith("xformers has no non-causal local bias over")
-        assert not why_not(entry, dataclasses.replace(point, causal=True)).startswith("xformers has no")
+        # Causal is expressible: on CPU the build (extension not loaded) or the dispatcher (no CPU
+        # operator, where it loads: xformers 0.0.33.post2 with torch 2.9.1) refuses it, not a missing class.
+        causal = why_not(entry, dataclasses.replace(point, causal=True))
+        assert causal.startswith(xformers_ops._NO_OPERATOR) or not causal.startswith("xformers has no"), causal
 
 
 # --- the call, through a stand-in computing with the materialised bias -------------------------------
