@@ -101,9 +101,9 @@ def triton_interpreter() -> None:
 
 
 # --- torch_compat: the tests of what changes between torch releases -----------------------------------
-# Private aten ops called positionally (variants/merged.py), dynamo settings set by name
-# (variants/sparse.py), profiler events and the compat shims (bench/profile.py, bench/compat.py), SDPA
-# probes and enable_gqa (variants/standard.py), FlexAttention and its document masks, the timers and
+# Private aten ops called positionally (variants/sparse/merged.py), dynamo settings set by name
+# (variants/sparse/__init__.py), profiler events and the compat shims (bench/profile.py, bench/compat.py), SDPA
+# probes and enable_gqa (variants/standard/__init__.py), FlexAttention and its document masks, the timers and
 # CUDA primitives (bench/timers.py, bench/device.py), decode masks (variants/decode.py), xformers'
 # bias classes and its build against torch, the declared range.
 # .ci/run runs these (`pytest -m torch_compat`) on the oldest torch of pyproject's range too. Marked by

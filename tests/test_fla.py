@@ -1,4 +1,4 @@
-"""The fla entries (variants/linear_fla.py), against the float64 quadratic reference: layout, φ, normaliser,
+"""The fla entries (variants/linear/fla.py), against the float64 quadratic reference: layout, φ, normaliser,
 ε and gradients over fla's own naive torch op, and over fla's real chunk kernel: compiled on a CUDA device,
 or on CPU through Triton's interpreter (set up in tests/conftest.py, with the shims fla's kernels need)."""
 
@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 import variants
 from bench.cli import app
-from variants import Point, linear, linear_fla
+from variants import Point, linear
 from variants.layouts import PACKED, PADDED, Layout
+from variants.linear import fla as linear_fla
 from variants.registry import DEFAULT_TOLERANCE
 
 B, H, D = 2, 2, 16

@@ -13,7 +13,8 @@ import torch
 
 import variants
 from bench.device import LiveTensorBytes
-from variants import layouts, linear, linformer
+from variants import layouts, linear
+from variants import lowrank as linformer
 from variants.layouts import PACKED, PADDED, Documents, Layout
 
 D = 8

@@ -1,4 +1,4 @@
-"""The structured sparse impls on fused kernels (variants.merged): the parts of each pattern allow
+"""The structured sparse impls on fused kernels (variants.sparse.merged): the parts of each pattern allow
 exactly the pairs of its mask, each once; outputs and gradients equal the float64 references; the
 fused CPU kernel equals the exact eager one; the kernel choice (CUDA included, through fakes) and
 what ``kernel(point)`` reports. CPU only, no timing."""
@@ -16,10 +16,11 @@ from support import why_not
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import variants
-from variants import layouts, masks, merged, sparse
+from variants import layouts, masks, sparse
 from variants.layouts import PACKED, PADDED, Documents, Layout
-from variants.merged import Part, Tiles
 from variants.reference import softmax_attention
+from variants.sparse import merged
+from variants.sparse.merged import Part, Tiles
 
 BUILDERS = {
     "local": lambda n, p, causal: sparse.local_parts(n, p["window"], causal),

@@ -16,8 +16,8 @@ command and in every worker process.
 from . import standard  # noqa: F401, I001
 from . import sparse  # noqa: F401
 from . import linear  # noqa: F401
-from . import linear_fla  # noqa: F401
-from . import linformer  # noqa: F401
+from .linear import fla as _linear_fla  # noqa: F401
+from . import lowrank  # noqa: F401
 import importlib as _importlib
 import os as _os
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .caches import cached_by_bytes
-from .decode import Decoder, prefix_lengths
-from .layouts import (
+from ..caches import cached_by_bytes
+from ..decode import Decoder, prefix_lengths
+from ..layouts import (
     DENSE,
     LAYOUTS,
     PACKED,
@@ -41,7 +41,7 @@ from .layouts import (
     sum_over_sequences,
     ungrouped,
 )
-from .registry import Capabilities, Entry, Point, ceil_div, register
+from ..registry import Capabilities, Entry, Point, ceil_div, register
 
 EPS = 1e-6  # keeps rows whose similarities are all zero (possible with relu) finite: they output 0
 

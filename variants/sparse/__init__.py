@@ -8,7 +8,7 @@ the definition the references, FLOPs and the mask-based impls derive from:
 * ``xformers`` (local): xformers' own local attention bias.
 
 The structure-exploiting impls build no mask: each pattern is written as parts (tiles of rows
-against tiles of keys, full, causal or anticausal; :mod:`variants.merged`), each part one fused
+against tiles of keys, full, causal or anticausal; :mod:`variants.sparse.merged`), each part one fused
 kernel call, merged exactly by log-sum-exp where parts share rows. The tests check that the parts
 allow exactly the pairs of the mask.
 
@@ -35,8 +35,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from . import masks
-from .decode import (
+from .. import masks
+from ..decode import (
     Attend,
     Decoder,
     MaskOf,
@@ -46,11 +46,10 @@ from .decode import (
     xformers_attend,
     xformers_mask_of,
 )
-from .layouts import LAYOUTS, PACKED, PADDED, Layout, layout_of, sum_over_sequences
-from .merged import Part, Relation, Tiles, describe, merged_attention
-from .reference import softmax_attention
-from .registry import DECODE, Capabilities, Entry, Point, register
-from .xformers_ops import (
+from ..layouts import LAYOUTS, PACKED, PADDED, Layout, layout_of, sum_over_sequences
+from ..reference import softmax_attention
+from ..registry import DECODE, Capabilities, Entry, Point, register
+from ..xformers_ops import (
     BiasSpec,
     local_bias,
     window_bias,
@@ -58,6 +57,7 @@ from .xformers_ops import (
     xformers_kernel,
     xformers_unsupported,
 )
+from .merged import Part, Relation, Tiles, describe, merged_attention
 
 
 def _pattern(sparsity: str, causal: bool, params: dict) -> masks.Pattern:
@@ -82,7 +82,7 @@ def _reference(sparsity: str):
     return reference
 
 
-# --- the patterns as parts (variants.merged): no mask anywhere ------------------------------------
+# --- the patterns as parts (variants.sparse.merged): no mask anywhere ------------------------------------
 
 def _blocks(first: int, count: int, block: int) -> Tiles:
     """Blocks ``first .. first+count-1`` of size ``block``."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from .decode import (
+from ..decode import (
     Attend,
     Decoder,
     MaskOf,
@@ -27,7 +27,7 @@ from .decode import (
     xformers_attend,
     xformers_mask_of,
 )
-from .layouts import (
+from ..layouts import (
     LAYOUTS,
     PACKED,
     PADDED,
@@ -38,10 +38,10 @@ from .layouts import (
     sum_over_sequences,
     ungrouped,
 )
-from .masks import FULL_CAUSAL, BiasSpec
-from .reference import exact_attention
-from .registry import DECODE, Capabilities, Entry, Point, condense, register
-from .xformers_ops import window_bias, xformers_attention, xformers_kernel, xformers_unsupported
+from ..masks import FULL_CAUSAL, BiasSpec
+from ..reference import exact_attention
+from ..registry import DECODE, Capabilities, Entry, Point, condense, register
+from ..xformers_ops import window_bias, xformers_attention, xformers_kernel, xformers_unsupported
 
 
 def dense_flops(point: Point) -> float:

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .layouts import LAYOUTS, PACKED, Layout, repeat_kv
-from .linear import EPS, FEATURE_MAPS, FeatureMap, features
-from .registry import DEFAULT_TOLERANCE, Capabilities, Entry, Point, get, register
+from ..layouts import LAYOUTS, PACKED, Layout, repeat_kv
+from ..registry import DEFAULT_TOLERANCE, Capabilities, Entry, Point, get, register
+from . import EPS, FEATURE_MAPS, FeatureMap, features
 
 FLA_OP = "fla.ops.linear_attn.chunk_linear_attn"  # what runs, and what the kernel column says
 FLA_CHUNK = 64  # chunk_linear_attn's fixed chunk size

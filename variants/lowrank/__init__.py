@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .caches import cached_by_bytes
-from .layouts import sum_over_sequences
-from .reference import softmax_attention
-from .registry import Capabilities, Entry, Point, register
+from ..caches import cached_by_bytes
+from ..layouts import sum_over_sequences
+from ..reference import softmax_attention
+from ..registry import Capabilities, Entry, Point, register
 
 SEED = 0
 
