@@ -267,70 +267,6 @@ def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), inclusive], dim)
 
 
-@dataclass(frozen=True)
-class ChunkGrid:
-    """Where the chunked impl puts a row's tokens: ``chunks`` chunks of ``chunk`` slots, no chunk
-    holding two documents. Dense and padded rows are one sequence each, padded after φ with zeros to
-    whole chunks. In a packed row every document starts a chunk of its own (as fla's varlen chunk
-    indices do), its last chunk's unused slots zero (a boundary inside a chunk costs those slots): a
-    chunk then needs only the causal mask, and the carried state restarts at each document."""
-
-    chunk: int
-    width: int  # tokens per tensor row
-    chunks: int
-    # packed only: each slot's token (``width``: a zero token), each token's slot, and each chunk's
-    # place on the (document, chunk of the document) grid of ``documents`` × ``longest`` chunks
-    slots: torch.Tensor | None = None
-    places: torch.Tensor | None = None
-    scan: torch.Tensor | None = None
-    documents: int = 1
-    longest: int = 0
-
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """``(rows, h, width, e)`` on the grid: ``(rows, h, chunks, chunk, e)``."""
-        if self.slots is None:
-            x = F.pad(x, (0, 0, 0, self.chunks * self.chunk - self.width))
-        else:
-            x = F.pad(x, (0, 0, 0, 1)).index_select(2, self.slots)
-        return x.unflatten(2, (self.chunks, self.chunk))
-
-    def untokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`tokens` on ``(rows, h, chunks·chunk, e)``: ``(rows, h, width, e)``."""
-        return x[:, :, :self.width] if self.slots is None else x.index_select(2, self.places)
-
-    def exclusive_prefix(self, states: torch.Tensor) -> torch.Tensor:
-        """Each chunk's sum of ``states`` ``(rows, h, chunks, ...)`` over the earlier chunks of its own
-        document: a cumulative sum restarted at each document, computed on the (document, chunk)
-        grid, so nothing is subtracted."""
-        if self.scan is None:
-            return _exclusive_cumsum(states, 2)
-        rows, heads, _, *rest = states.shape
-        grid = states.new_zeros(rows, heads, self.documents * self.longest, *rest).index_copy(2, self.scan, states)
-        prefix = _exclusive_cumsum(grid.unflatten(2, (self.documents, self.longest)), 3)
-        return prefix.flatten(2, 3).index_select(2, self.scan)
-
-
-@cached_by_bytes(64 << 20)
-def _packed_grid(layout: Layout, chunk: int, device: str) -> ChunkGrid:
-    width = layout.width
-    counts = [ceil_div(length, chunk) for _, _, length in layout.spans()]
-    slots, scan = [], []
-    for document, ((_, start, length), count) in enumerate(zip(layout.spans(), counts, strict=True)):
-        token = start + torch.arange(count * chunk)
-        slots.append(torch.where(token < start + length, token, width))
-        scan.append(document * max(counts) + torch.arange(count))
-    slots = torch.cat(slots)
-    places = torch.nonzero(slots < width)[:, 0]  # real slots hold the tokens in order
-    return ChunkGrid(chunk, width, len(slots) // chunk, slots.to(device), places.to(device),
-                     torch.cat(scan).to(device), len(counts), max(counts))
-
-
-def chunk_grid(layout: Layout | None, width: int, chunk: int, device: torch.device | str) -> ChunkGrid:
-    if layout is not None and layout.kind == PACKED:
-        return _packed_grid(layout, chunk, str(torch.device(device)))
-    return ChunkGrid(chunk, width, ceil_div(width, chunk))
-
-
 def _chunk_rows(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """Queries on the grid ``(rows, heads, chunks, chunk, f)`` as ``(rows, kv_heads, chunks,
     group·chunk, f)``: each chunk's rows hold its KV head's whole query group (a copy when grouped)."""
@@ -344,20 +280,23 @@ def _unchunk_rows(x: torch.Tensor, chunk: int) -> torch.Tensor:
 
 def _chunked(fmap: FeatureMap):
     def forward(q, k, v, *, causal: bool, chunk: int, layout: Layout | None = None, **params) -> torch.Tensor:
-        """Quadratic within a chunk, a carried f×d state per KV head between chunks, restarted at
-        each document. Padded rows need nothing: their padding comes after every real query."""
+        """Quadratic within a chunk, a carried f×d state per KV head between chunks. Padded rows need
+        nothing: their padding comes after every real query."""
         fq, fk = features(fmap, q, k, params, layout)
-        grid = chunk_grid(layout, q.shape[2], chunk, q.device)
+        width = q.shape[2]
+        chunks = ceil_div(width, chunk)
         group = q.shape[1] // k.shape[1]
-        fq, fk, vc = _chunk_rows(grid.tokens(fq), k.shape[1]), grid.tokens(fk), grid.tokens(v)
+        # Padding after φ with zeros: padded keys contribute nothing, padded queries are dropped.
+        fq, fk, vc = (F.pad(x, (0, 0, 0, chunks * chunk - width)).unflatten(2, (chunks, chunk)) for x in (fq, fk, v))
+        fq = _chunk_rows(fq, k.shape[1])
         inside = _causal_rows(fq @ fk.transpose(-2, -1), group)
         # State carried into each chunk: Σ over earlier chunks, accumulated in at least float32.
         acc = torch.promote_types(v.dtype, torch.float32)
-        kv_before = grid.exclusive_prefix((fk.transpose(-2, -1) @ vc).to(acc)).to(v.dtype)
-        z_before = grid.exclusive_prefix(fk.sum(-2).to(acc)).to(v.dtype).unsqueeze(-1)
+        kv_before = _exclusive_cumsum((fk.transpose(-2, -1) @ vc).to(acc), 2).to(v.dtype)
+        z_before = _exclusive_cumsum(fk.sum(-2).to(acc), 2).to(v.dtype).unsqueeze(-1)
         numerator = inside @ vc + fq @ kv_before
         normaliser = inside.sum(-1, keepdim=True) + fq @ z_before
-        return grid.untokens(_unchunk_rows(numerator / (normaliser + EPS), chunk))
+        return _unchunk_rows(numerator / (normaliser + EPS), chunk)[:, :, :width]
 
     return forward
 
@@ -512,9 +451,9 @@ IMPLS = {
     "recurrent": LinearImpl(lambda fmap: _documents_alone(_recurrent(fmap)), _work_state, frozenset({True}),
                             "running sums compute the causal prefix; use linear when non-causal",
                             layouts={PACKED: " per document"}),
-    "chunked": LinearImpl(_chunked, _work_chunked, frozenset({True}),
+    "chunked": LinearImpl(lambda fmap: _documents_alone(_chunked(fmap)), _work_chunked, frozenset({True}),
                           "chunking carries the causal prefix; use linear when non-causal", {"chunk": 64},
-                          layouts={PACKED: " on chunks aligned to documents"}),
+                          layouts={PACKED: " per document"}),
 }
 
 
