@@ -29,7 +29,7 @@ DTYPES: dict[str, torch.dtype] = {
 DECODE = "decode"  # one step of new tokens against a cache of the prefix: causal by definition
 MODES = ("fwd", "bwd", "fwd_bwd", DECODE)
 BACKWARD_MODES = ("bwd", "fwd_bwd")  # the modes that differentiate, so need inputs with gradients
-FAMILIES = ("standard", "sparse", "linear", "lowrank", "baseline")
+FAMILIES = ("standard", "sparse", "linear", "gated", "hybrid", "lowrank", "baseline")
 
 # Relative Frobenius error an impl may show against its float64 reference, per input dtype.
 DEFAULT_TOLERANCE: dict[str, float] = {
