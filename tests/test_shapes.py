@@ -147,13 +147,17 @@ def test_entry_matches_the_explicit_reference(entry, kind, heads, kv_heads, caus
     if layout is not None and kind == PADDED:
         upstream = upstream * layout.valid()
     params = small_params(entry)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{entry.name}-extras".encode()))
+    extras = {x.name: x.draw(x.shape(rows, heads, kv, width, D), gen, "cpu", torch.float64) for x in entry.inputs}
     leaves64 = [t.clone().requires_grad_() for t in (q, k, v)]
-    expected = layouts.reference_attention(entry.reference, *leaves64, causal=causal, layout=layout,
+    expected = layouts.reference_attention(entry.reference, *leaves64, causal=causal, layout=layout, extras=extras,
                                            **entry.resolve(params))
     expected_grads = torch.autograd.grad(expected, leaves64, upstream)
     torch_dtype = variants.DTYPES[dtype]
     leaves = [t.to(torch_dtype).requires_grad_() for t in (q, k, v)]
-    out = entry(*leaves, causal=causal, layout=layout, **params)
+    # the entry's extra inputs (gates, β, sink logits) in the dtype the benchmark gives them
+    given = {name: x.to(torch.promote_types(torch_dtype, torch.float32)) for name, x in extras.items()}
+    out = entry(*leaves, causal=causal, layout=layout, **given, **params)
     assert out.shape == q.shape and out.dtype == torch_dtype
     real = layout.real if layout is not None else (lambda x: x)
     tol = entry.tolerance[dtype]
