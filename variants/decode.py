@@ -37,10 +37,11 @@ queries read, output written) — the floor a memory-bound step is measured agai
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ from . import layouts
 from .caches import cached_by_bytes
 from .layouts import DENSE, PACKED, PADDED, Layout, grouped, ungrouped
 from .masks import Pattern, make_xformers_bias, reachable_keys
-from .registry import Point
+from .registry import Point, own_params
 
 # (q, k, v, mask) -> output; q (b, heads, q_len, d), k and v (b, kv_heads, keys, d), mask: None (every
 # query reads every key) or what the decoder's ``mask_of`` made of the plan's boolean mask.
@@ -332,6 +333,34 @@ def kv_decoder(pattern_of: Callable[[dict], Pattern], attend: Attend, kernel: st
         return 4.0 * point.heads * point.head_dim * sum(count * plan.pairs for plan, count in point_plans(point))
 
     return Decoder(prefill, step, cache_bytes, bytes_moved, flops, kernel, KV_LAYOUTS)
+
+
+# --- a sum of attentions: a decoder per part ---------------------------------------------------------
+
+def summed_decoder(parts: Sequence[tuple[Decoder, Collection[str]]]) -> Decoder:
+    """The decoder of attentions whose outputs add (a hybrid's parts): each part's cache or state kept
+    side by side, a step the sum of the parts' steps. Each part is given only the parameters it names
+    (a pattern's plan would refuse a feature count). Figures are the parts' sums: their steps each read
+    the queries and write an output of their own; a layout decodes when every part decodes it."""
+    def summed(figure: Callable[[Decoder], Callable[[Point], float]]) -> Callable[[Point], Any]:
+        return lambda point: sum(figure(decoder)(replace(point, params=own_params(point.params, names)))
+                                 for decoder, names in parts)
+
+    def prefill(k: torch.Tensor, v: torch.Tensor, *, q_len: int, layout: Layout | None = None,
+                **params: Any) -> tuple[Any, ...]:
+        return tuple(decoder.prefill(k, v, q_len=q_len, layout=layout, **own_params(params, names))
+                     for decoder, names in parts)
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: tuple[Any, ...], **params: Any) -> torch.Tensor:
+        outputs = (decoder.step(q, k, v, cache, **own_params(params, names))
+                   for (decoder, names), cache in zip(parts, caches, strict=True))
+        return functools.reduce(torch.add, outputs)
+
+    decoders = [decoder for decoder, _ in parts]
+    common = [layout for layout in decoders[0].layouts if all(layout in d.layouts for d in decoders)]
+    return Decoder(prefill, step, summed(lambda d: d.cache_bytes), summed(lambda d: d.bytes_moved),
+                   summed(lambda d: d.flops), " + ".join(d.kernel for d in decoders),
+                   {layout: "".join(d.layouts[layout] for d in decoders) for layout in common})
 
 
 # --- a decoder's first step on a tiny input --------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +82,11 @@ class Point:
 def is_int_at_least(value: Any, minimum: int = 1) -> bool:
     """An int (not a bool) of at least ``minimum``: the check every count and size here needs."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def own_params(params: Mapping[str, Any], names: Collection[str]) -> dict[str, Any]:
+    """``params`` restricted to ``names``: what a part of a composed entry (a hybrid's) takes."""
+    return {name: value for name, value in params.items() if name in names}
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -116,9 +116,9 @@ class FeatureMap:
     stabilised_key: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-def _per_token(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+def _per_token(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """A key map of each token alone: the same in every segment."""
-    return lambda x, segments=WHOLE: fn(x)
+    return lambda x, segments=WHOLE, **params: fn(x, **params)
 
 
 def elu1(x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +174,30 @@ def _performer_key(x: torch.Tensor, stabiliser: torch.Tensor | None, features: i
         shared = torch.maximum(shared, stabiliser)
     return torch.exp(logits - shared) / math.sqrt(features), shared
 
+
+TAYLOR2_SEED = 0
+
+
+def taylor2(x: torch.Tensor, features: int) -> torch.Tensor:
+    """Based's second-order Taylor map [1, x̃, vec(x̃ ⊗ x̃)/√2], so φ(q)·φ(k) = 1 + s + s²/2 with
+    s = q̃·k̃: ((s + 1)² + 1)/2 ≥ 1/2, never zero. x̃ = P x / d'^(1/4), P a fixed d' × d projection (one
+    for every head: a KV head's key features then serve its whole query group) standing in for
+    Based's learned one: FAVOR+'s orthogonal Gaussian rows (:func:`orthogonal_features`) over √d, so
+    each row has about unit norm and P x has the per-coordinate scale of x; the d'^(1/4) is Based's
+    own (its TaylorExp), which makes s O(1) for O(1) coordinates (std ≈ 1 for standard normal q, k)."""
+    d = x.shape[-1]
+    p = orthogonal_features(d, features, TAYLOR2_SEED, str(x.device), x.dtype)
+    x = (x @ p.T) * (d ** -0.5 * features ** -0.25)
+    square = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) * 0.5 ** 0.5
+    return torch.cat([torch.ones_like(x[..., :1]), x, square], dim=-1)
+
+
+# Based's map: not registered as a linear variant of its own, the linear part of the `based` hybrid.
+TAYLOR2 = FeatureMap("linear-taylor2", taylor2, _per_token(taylor2), lambda d, features: 1 + features + features ** 2,
+                     params={"features": 16},
+                     # the q and k projections, and their outer products
+                     flops_per_token=lambda d, features: 2.0 * (2 * d * features + features ** 2),
+                     summary="sim = 1 + s + s²/2, s = q̃·k̃ on a fixed projection to d' = features (Based)")
 
 FEATURE_MAPS = [
     FeatureMap("linear-elu1", elu1, _per_token(elu1), lambda d: d,
@@ -461,17 +485,21 @@ def _kernel_name(impl: str, layouts: dict[str, str]) -> Callable[[Point], str]:
     return lambda point: f"eager {impl}{layouts.get(point.layout, '')}"
 
 
+def linear_entry(fmap: FeatureMap, impl: str) -> Entry:
+    """The entry of ``fmap`` computed by ``impl`` (registered below; hybrids take one as their linear part)."""
+    how = IMPLS[impl]
+    causal, why = how.causal, how.causal_reason
+    if fmap.causal_reason:
+        causal, why = causal - {True}, fmap.causal_reason
+    return Entry(fmap.name, impl, "linear", how.make(fmap), _quadratic(fmap), _flops(fmap, how.work),
+                 params={**fmap.params, **how.params},
+                 caps=Capabilities(causal=causal, causal_reason=why, layouts=frozenset(LAYOUTS), gqa=True),
+                 decoder=linear_decoder(fmap) if True in causal else None,
+                 kernel_name=_kernel_name(impl, how.layouts), summary=fmap.summary)
+
+
 for _fmap in FEATURE_MAPS:
-    for _name, _impl in IMPLS.items():
-        _causal, _why = _impl.causal, _impl.causal_reason
-        if _fmap.causal_reason:
-            if _causal == {True}:
-                continue  # causal-only impls of a map that cannot be causal would never run
-            _causal, _why = _causal - {True}, _fmap.causal_reason
-        register(Entry(
-            _fmap.name, _name, "linear", _impl.make(_fmap), _quadratic(_fmap), _flops(_fmap, _impl.work),
-            params={**_fmap.params, **_impl.params},
-            caps=Capabilities(causal=_causal, causal_reason=_why, layouts=frozenset(LAYOUTS), gqa=True),
-            decoder=linear_decoder(_fmap) if True in _causal else None,
-            kernel_name=_kernel_name(_name, _impl.layouts),
-            summary=_fmap.summary))
+    for _name in IMPLS:
+        _entry = linear_entry(_fmap, _name)
+        if _entry.caps.causal:  # a causal-only impl of a map that cannot be causal would never run
+            register(_entry)
