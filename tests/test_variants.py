@@ -137,16 +137,17 @@ def test_cpu_backward_of_flex_is_declared_unsupported():
     """Flex on CPU has no backward: that must be visible through not_supported_reasons(), not only in the name
     (the reference test above relies on it to test such entries forward only, or not at all)."""
     flex = [e for e in builtin_entries() if e.impl == "flex"]
-    assert {e.variant for e in flex} == {"local", "atrous", "strided"}
+    assert {e.variant for e in flex} == {"local", "atrous", "strided", "based"}
     for e in flex:
         for mode in ("bwd", "fwd_bwd"):
             reason = why_not(e, point(e, mode=mode))
             assert isinstance(reason, str) and reason, (e.name, mode)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("n", [SHORT, LONG])
-@pytest.mark.parametrize("entry", [pytest.param(e, id=e.name) for e in builtin_entries() if e.impl == "flex"])
+@pytest.mark.parametrize("entry, causal", [pytest.param(e, c, id=f"{e.name}-{'causal' if c else 'bidir'}")
+                                           for e in builtin_entries() if e.impl == "flex" for c in (False, True)
+                                           if c in e.caps.causal])
 def test_eager_flex_forward_on_cpu_matches_reference(entry, n, causal):
     """Eager (unfused) FlexAttention with the block mask, run directly on CPU whatever not_supported_reasons()
     says for timing: the block mask must select exactly the pattern. Forward only (no CPU backward)."""
@@ -391,7 +392,7 @@ def test_select_returns_all_impls_of_a_variant():
 def test_names_are_unique_and_families_valid():
     names = [e.name for e in variants.entries()]
     assert len(names) == len(set(names))
-    assert {e.family for e in builtin_entries()} <= {"standard", "sparse", "linear", "lowrank", "baseline"}
+    assert {e.family for e in builtin_entries()} <= {"standard", "sparse", "linear", "hybrid", "lowrank", "baseline"}
 
 
 @pytest.mark.parametrize("call, bad, valid", [
