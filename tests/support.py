@@ -32,6 +32,8 @@ def why_not(entry: variants.Entry, point: variants.Point) -> str | None:
 # Small parameters, so that at the tests' lengths the structure matters (several blocks, chunks, residues).
 SMALL = {"window": 16, "rate": 4, "features": 64, "proj_len": 32, "chunk": 32}
 SMALL_STRIDED = {"window": 8, "rate": 16}
+# Based's features are d' projections and their d'² products: at 64, 4161 per token would slow every case.
+SMALL_BASED = {"window": 16, "features": 8, "chunk": 32}
 
 
 def builtin_entries() -> list[variants.Entry]:
@@ -41,5 +43,5 @@ def builtin_entries() -> list[variants.Entry]:
 
 
 def small_params(entry: variants.Entry) -> dict:
-    table = SMALL_STRIDED if entry.variant == "strided" else SMALL
+    table = {"strided": SMALL_STRIDED, "based": SMALL_BASED}.get(entry.variant, SMALL)
     return {k: table[k] for k in entry.params}
