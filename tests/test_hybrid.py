@@ -138,7 +138,7 @@ def test_eager_flex_forward_equals_chunked_on_cpu():
 # --- decoding ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("q_len", [1, 3])
-@pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("kind", [DENSE, PACKED, PADDED])
 def test_step_equals_the_last_rows_of_its_own_forward(kind, kv_heads, q_len):
     """Prefixes shorter than the window, on its edge and longer; the step leaves its caches as they were."""
