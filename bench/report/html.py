@@ -491,6 +491,38 @@ def train_quality_section(report: Report) -> Section | None:
                           training.quality_sentence, styles=styles)
 
 
+def _no_frontier(report: Report, table: pd.DataFrame) -> str | None:
+    """The frontier section's line where the results hold kernel and training rows but not both axes."""
+    missing = []
+    if table.empty:
+        missing.append("no fwd_bwd kernel point ran ok")
+    if not table["recall"].notna().any():
+        missing.append(f"no {analysis.RECALL_TASK.upper()} study named {analysis.RECALL_STUDY!r} has an ok "
+                       "run of a variant timed (bench run train --preset recall)")
+    return f"No frontier: {' and '.join(missing)}." if missing else None
+
+
+def frontier_section(report: Report) -> Section | None:
+    """Left out unless the results hold both kernel and training rows (a kernel run and a training run
+    given together); a line where one of the two axes is missing."""
+    if not (len(report.kernel) and len(report.train)):
+        return None
+    table = analysis.frontier(report.kernel, report.train)
+    line = _no_frontier(report, table)
+    if line:
+        return Section("frontier", FRONTIER_TITLE, Markup('<p class="note">{}</p>').format(line))
+    families = table[["variant", "family"]].drop_duplicates("variant")
+    colour_of = {v: s.color for v, s in figures.styles(figures.legend_order(families["variant"],
+                                                                            families["family"]), None).items()}
+    items = [{"title": device, "config": rows["config"].iloc[0],
+              "svg": Markup(figures.frontier_figure(rows, colour_of)), "rows": _records(rows)}
+             for device, rows in table.groupby("device_name", sort=True)]
+    return Section("frontier", FRONTIER_TITLE, _render("frontier.html.j2", items=items))
+
+
+FRONTIER_TITLE = "Speed, memory and recall frontier"
+
+
 def problems_section(report: Report) -> Section:
     body = _render("problems.html.j2", rows=_records(analysis.problems(report.measured)), styles=report.style_of)
     return Section("problems", "Problems", body)
@@ -498,7 +530,7 @@ def problems_section(report: Report) -> Section:
 
 SECTIONS: list[SectionBuilder] = [overview_section, scaling_plots_section, ratios_section, exponents_section,
                                   throughput_section, decode_section, gqa_section, layouts_section,
-                                  quality_section, profiles_section,
+                                  quality_section, profiles_section, frontier_section,
                                   train_quality_section,
                                   accumulation_section, sharing_section, gelu_section, problems_section]
 
