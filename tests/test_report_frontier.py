@@ -144,7 +144,14 @@ def test_frontier_section_says_what_is_missing_or_is_left_out(committed: pd.Data
     no_recall = read_results([QUICK, TRAIN])
     no_recall = no_recall[~no_recall["params"].fillna("").str.contains('"study": "recall"')]
     body = sections(render(no_recall, sections=[frontier_section]))["frontier"]
-    assert "No frontier" in body and "recall" in body and "<svg" not in body
+    assert "No frontier: no training study &#39;recall&#39; on mqar" in body and "fwd_bwd" not in body
+    assert "<svg" not in body
     for one_kind in ("kernel", "train"):
         assert "frontier" not in sections(render(committed[committed["kind"] == one_kind],
                                                  sections=[frontier_section]))
+
+
+def test_frontier_line_names_the_missing_axis(committed: pd.DataFrame):
+    decode_only = committed[(committed["kind"] == "train") | committed["mode"].eq("decode")]
+    body = sections(render(decode_only, sections=[frontier_section]))["frontier"]
+    assert "No frontier: no fwd_bwd kernel point ran ok." in body and "training study" not in body

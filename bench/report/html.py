@@ -491,14 +491,14 @@ def train_quality_section(report: Report) -> Section | None:
                           training.quality_sentence, styles=styles)
 
 
-def _no_frontier(report: Report, table: pd.DataFrame) -> str | None:
+def _no_frontier(report: Report) -> str | None:
     """The frontier section's line where the results hold kernel and training rows but not both axes."""
     missing = []
-    if table.empty:
+    if analysis.frontier_speed(report.kernel).empty:
         missing.append("no fwd_bwd kernel point ran ok")
-    if not table["recall"].notna().any():
-        missing.append(f"no {analysis.RECALL_TASK.upper()} study named {analysis.RECALL_STUDY!r} has an ok "
-                       "run of a variant timed (bench run train --preset recall)")
+    if analysis.frontier_recall(report.train).empty:
+        missing.append(f"no training study {analysis.RECALL_STUDY!r} on {analysis.RECALL_TASK} has an ok run "
+                       "(bench run train --preset recall)")
     return f"No frontier: {' and '.join(missing)}." if missing else None
 
 
@@ -507,10 +507,10 @@ def frontier_section(report: Report) -> Section | None:
     given together); a line where one of the two axes is missing."""
     if not (len(report.kernel) and len(report.train)):
         return None
-    table = analysis.frontier(report.kernel, report.train)
-    line = _no_frontier(report, table)
+    line = _no_frontier(report)
     if line:
         return Section("frontier", FRONTIER_TITLE, Markup('<p class="note">{}</p>').format(line))
+    table = analysis.frontier(report.kernel, report.train)
     families = table[["variant", "family"]].drop_duplicates("variant")
     colour_of = {v: s.color for v, s in figures.styles(figures.legend_order(families["variant"],
                                                                             families["family"]), None).items()}
