@@ -11,7 +11,9 @@ draws nothing or claims there is nothing while the other kind has data. The grou
 layouts sections are left out unless a run varies heads ÷ kv_heads, or has packed and padded points
 (decoding: a ragged batch beside a padded or uniform one), and say so in one line where it does but
 nothing ran ok to compare. Training sections (kind "train", one grid per study) are left out when no
-study varies what they are about. Profile links point at local files only, relative to the report's
+study varies what they are about. The frontier section needs both kinds (a kernel run and a training
+run given together): left out of results of one kind, one line where fwd_bwd points or the recall
+study are missing. Profile links point at local files only, relative to the report's
 folder.
 """
 
@@ -491,6 +493,9 @@ def train_quality_section(report: Report) -> Section | None:
                           training.quality_sentence, styles=styles)
 
 
+FRONTIER_TITLE = "Speed, memory and recall frontier"
+
+
 def _no_frontier(report: Report) -> str | None:
     """The frontier section's line where the results hold kernel and training rows but not both axes."""
     missing = []
@@ -518,9 +523,6 @@ def frontier_section(report: Report) -> Section | None:
               "svg": Markup(figures.frontier_figure(rows, colour_of)), "rows": _records(rows)}
              for device, rows in table.groupby("device_name", sort=True)]
     return Section("frontier", FRONTIER_TITLE, _render("frontier.html.j2", items=items))
-
-
-FRONTIER_TITLE = "Speed, memory and recall frontier"
 
 
 def problems_section(report: Report) -> Section:
