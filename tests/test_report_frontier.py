@@ -47,8 +47,9 @@ def test_pareto_front_leaves_out_missing_values():
 
 
 def kernel(variant: str, impl: str, mode: str, n: int, time_ms: float, cache: float = NAN, family: str = "x",
-           status: str = "ok", device: str = "cpu0", causal: bool = True, heads: int = 4) -> dict:
+           status: str = "ok", device: str = "cpu0", causal: bool = True, heads: int = 4, params: str = "{}") -> dict:
     return {"kind": "kernel", "variant": variant, "impl": impl, "family": family, "mode": mode, "seq_len": n,
+            "params": params,
             "time_ms": time_ms, "cache_bytes": cache, "status": status, "device_name": device, "device": "cpu",
             "dtype": "float32", "head_dim": 64, "causal": causal, "batch": 1, "heads": heads, "kv_heads": None,
             "layout": None, "doc_distribution": None, "doc_count": None, "doc_seed": None}
@@ -66,6 +67,7 @@ def small_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     k = pd.DataFrame([
         kernel("soft", "slow", "fwd_bwd", 4096, 40.0), kernel("soft", "fast", "fwd_bwd", 4096, 20.0),
         kernel("soft", "fast", "fwd_bwd", 4096, 22.0),  # a rerun: the median of the two, 21
+        kernel("soft", "fast", "fwd_bwd", 4096, 90.0, params='{"window": 8}'),  # other params: apart, slower
         kernel("soft", "fast", "fwd_bwd", 1024, 1.0),  # a shorter length: not the frontier's
         kernel("soft", "faster", "fwd_bwd", 4096, 5.0, status="error"),  # not ok: never chosen
         kernel("soft", "fast", "fwd_bwd", 4096, 2.0, causal=False),  # a configuration fewer variants ran

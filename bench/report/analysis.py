@@ -858,8 +858,10 @@ def _plain(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _fastest_impl(rows: pd.DataFrame, column: str, keys: list[str]) -> pd.DataFrame:
-    """Per ``keys`` + variant, the impl with the least median ``column`` (over repeated rows of a point)."""
-    medians = rows.groupby([*keys, "variant", "family", "impl"], dropna=False, as_index=False)[column].median()
+    """Per ``keys`` + variant, the impl with the least median ``column`` (over repeated rows of a point;
+    an impl run with several params counts each apart)."""
+    point = [*keys, "variant", "family", "impl", "params"]
+    medians = rows.groupby(point, dropna=False, as_index=False)[column].median()
     return medians.loc[medians.groupby([*keys, "variant"], dropna=False)[column].idxmin()]
 
 
