@@ -146,7 +146,7 @@ def _declares(entry, heads: int = 1, kv_heads: int | None = None, layout: str = 
 @run_app.command("sweep")
 @bad_input_exits_2
 def sweep_command(
-    preset: Annotated[str | None, typer.Option(help="Packaged preset: quick, gpu, gpu-slice, model-shapes, shapes, scaling, sparse, decode.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Packaged preset: quick, gpu, gpu-slice, model-shapes, shapes, scaling, sparse, decode, frontier.")] = None,
     config: Annotated[Path | None, typer.Option(help="A TOML spec file (see README).")] = None,
     variants_: Annotated[str | None, typer.Option("--variants", help="Comma list: variant or variant/impl.")] = None,
     seq_lens: Annotated[str | None, typer.Option(help="Comma list of sequence lengths.")] = None,
@@ -226,7 +226,7 @@ def _profile_slowest(spec, tasks, out_dir: Path, run_id: str, k: int, profile_di
 @run_app.command("train")
 @bad_input_exits_2
 def train_command(
-    preset: Annotated[str | None, typer.Option(help="Packaged train preset: quick (CPU), gpu.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Packaged train preset: quick (CPU), recall (CPU, every family on MQAR), gpu.")] = None,
     config: Annotated[Path | None, typer.Option(help="A TOML training spec (see bench/train/spec.py).")] = None,
     study: Annotated[str | None, typer.Option(help="Comma list: run only these studies of the spec.")] = None,
     variants_: Annotated[str | None, typer.Option("--variants", help="Comma list: attention variant[/impl].")] = None,

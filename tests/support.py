@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import variants
 
 PLUGINS = str(Path(__file__).parent / "plugins")
@@ -45,3 +47,16 @@ def builtin_entries() -> list[variants.Entry]:
 def small_params(entry: variants.Entry) -> dict:
     table = {"strided": SMALL_STRIDED, "based": SMALL_BASED}.get(entry.variant, SMALL)
     return {k: table[k] for k in entry.params}
+
+
+# Presets that name issue 21's variants (gated linear attention, sinks, Based), which the branches
+# adding them register: until those are merged, such a preset is an expected failure, not a broken one.
+ISSUE_21_VARIANTS = ("retention", "gla", "deltanet", "gated-deltanet", "sinks", "sink-logit", "based")
+AWAITING_VARIANTS = {"frontier": ISSUE_21_VARIANTS, "recall": ISSUE_21_VARIANTS}
+
+
+def xfail_until_registered(preset: str) -> None:
+    """Mark the running test an expected failure while ``preset`` names variants not registered yet."""
+    missing = sorted(set(AWAITING_VARIANTS.get(preset, ())) - set(variants.variant_names()))
+    if missing:
+        pytest.xfail(f"preset {preset} names variants not registered in this branch: {', '.join(missing)}")

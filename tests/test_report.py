@@ -307,7 +307,8 @@ def test_synthetic_report_page(synthetic: Path) -> None:
     assert_self_contained(page, text)
     panels = ["fwd · non-causal · bfloat16 · d=64", "fwd_bwd · non-causal · bfloat16 · d=64"]
     assert page.figures == {"overview": [], "time-memory": panels, "ratios": panels, "exponents": [],
-                            "throughput": panels, "decode": [], "quality": [], "train-quality": [], "problems": []}
+                            "throughput": panels, "decode": [], "quality": [], "frontier": [], "train-quality": [],
+                            "problems": []}
     assert text.count("<svg") == 3 * len(panels)
     # Every string from results is escaped, the raw one never appears.
     assert EVIL not in text and "<b>host" not in text
@@ -330,6 +331,8 @@ def test_synthetic_report_page(synthetic: Path) -> None:
     assert re.search(r">\*[\d.]+×<", parts["ratios"]), "no starred speed-up cell"
     # No decode step in this run: the decode section says so in one line.
     assert plain(parts["decode"]) == "These results hold no decode step, only full-sequence points."
+    # Kernel and training rows, but no recall study: the frontier says so in one line.
+    assert plain(parts["frontier"]).startswith("No frontier: no training study 'recall' on mqar has an ok run")
     assert_counts_agree(text)
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 import torch
+from support import xfail_until_registered
 from typer.testing import CliRunner
 
 import variants
-from bench import train
+from bench import spec, train
 from bench.cli import app
 from bench.errors import BadInput
 from bench.measure import MeasureSettings
@@ -229,6 +232,15 @@ model = { layers = 3 }
     config.write_text('[train]\nvariants = "standard"\n[[study]]\nname = "a"\n')
     with pytest.raises(BadInput, match="train.variants must be a list"):
         train.load(None, config)
+
+
+@pytest.mark.parametrize("name", spec.preset_names("train"))
+def test_every_train_preset_validates_and_is_named_in_the_help(name):
+    help_text = re.sub(r"-\s+", "-", " ".join(CliRunner().invoke(app, ["run", "train", "--help"]).output.split()))
+    assert name in help_text
+    xfail_until_registered(name)
+    loaded = train.override(train.load(name, None), device="cpu")  # no CUDA here: the grid is checked on the CPU
+    assert train.expand(train.validate(loaded), "cpu")
 
 
 def test_study_flag_keeps_the_named_studies():

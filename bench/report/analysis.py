@@ -822,3 +822,101 @@ def summary(kernel: pd.DataFrame, full: Timings, decode: Timings, baseline: str 
             sentences.append(f"{len(timings.panels.omitted)} further {kind}panels are not drawn (only the "
                              f"{MAX_PANELS} with the most points are; the others are named under {section}).")
     return sentences
+
+
+# --- the speed, memory and recall frontier ---------------------------------------------------------
+
+# The recall axis: the MQAR study of the training presets (bench/presets/train/{quick,recall}.toml).
+RECALL_STUDY, RECALL_TASK = "recall", "mqar"
+# A full-sequence point's configuration: the frontier compares variants at one of them per device.
+CONFIG_COLUMNS = ["dtype", "head_dim", "causal", "batch", "heads"]
+FRONTIER_COLUMNS = ["device_name", "variant", "family", "impl", "seq_len", "config", "time_ms", "cache_impl",
+                    "cache_len", "cache_bytes", "recall", "recall_std", "seeds", "on_front"]
+
+
+def pareto_front(time: pd.Series, quality: pd.Series) -> pd.Series:
+    """Whether each point is on the Pareto front of (least time, most quality): no other point is at
+    least as fast and as good, and strictly one of the two. Equal points do not dominate each other
+    (both are on it); a point missing either value is never on it."""
+    valid = time.notna() & quality.notna()
+    t, q = time[valid].to_numpy(dtype=float), quality[valid].to_numpy(dtype=float)
+    dominated = ((t[None, :] <= t[:, None]) & (q[None, :] >= q[:, None])
+                 & ((t[None, :] < t[:, None]) | (q[None, :] > q[:, None]))).any(axis=1)
+    front = pd.Series(False, index=time.index)
+    front[valid] = ~dominated
+    return front
+
+
+def _device(rows: pd.DataFrame) -> pd.Series:
+    return rows["device_name"].fillna(rows["device"])
+
+
+def _plain(rows: pd.DataFrame) -> pd.DataFrame:
+    """Dense rows with as many key/value heads as query heads: what every variant ran alike."""
+    shape = shape_columns(rows)
+    return rows[shape["layout"].eq(DENSE) & shape["kv_heads"].eq(pd.to_numeric(rows["heads"]))]
+
+
+def _fastest_impl(rows: pd.DataFrame, column: str, keys: list[str]) -> pd.DataFrame:
+    """Per ``keys`` + variant, the impl with the least median ``column`` (over repeated rows of a point;
+    an impl run with several params counts each apart)."""
+    point = [*keys, "variant", "family", "impl", "params"]
+    medians = rows.groupby(point, dropna=False, as_index=False)[column].median()
+    return medians.loc[medians.groupby([*keys, "variant"], dropna=False)[column].idxmin()]
+
+
+def frontier_speed(kernel: pd.DataFrame) -> pd.DataFrame:
+    """Per device and variant, its fastest impl's fwd_bwd time (ok dense rows) at the device's largest
+    fwd_bwd length, in the configuration (dtype, head_dim, causal, batch, heads) most variants ran
+    there: ``seq_len``, ``config`` (in words), ``impl``, ``time_ms``."""
+    ok = _plain(kernel[(kernel["status"] == "ok") & kernel["mode"].eq("fwd_bwd") & kernel["time_ms"].notna()])
+    frames = []
+    for _, rows in ok.assign(device_name=_device(ok)).groupby("device_name", sort=True):
+        at = rows[rows["seq_len"] == rows["seq_len"].max()]
+        counts = at.groupby(CONFIG_COLUMNS)["variant"].nunique()
+        config = counts.index[counts.to_numpy().argmax()]  # most variants; the first such on a tie
+        chosen = at[(at[CONFIG_COLUMNS] == pd.Series(config, index=CONFIG_COLUMNS)).all(axis=1)]
+        words = panel_title({"mode": "fwd_bwd", **dict(zip(CONFIG_COLUMNS, config, strict=True))})
+        frames.append(_fastest_impl(chosen, "time_ms", ["device_name", "seq_len"]).assign(config=words))
+    columns = ["device_name", "variant", "family", "impl", "seq_len", "config", "time_ms"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def frontier_cache(kernel: pd.DataFrame) -> pd.DataFrame:
+    """Per device and variant, the least cache (or state) bytes of its impls' ok decode steps at the
+    device's largest decode length: ``cache_impl``, ``cache_len``, ``cache_bytes``."""
+    ok = _plain(kernel[(kernel["status"] == "ok") & kernel["mode"].eq(DECODE) & kernel["cache_bytes"].notna()])
+    ok = ok.assign(device_name=_device(ok))
+    at = ok[ok["seq_len"] == ok.groupby("device_name")["seq_len"].transform("max")]
+    best = _fastest_impl(at, "cache_bytes", ["device_name", "seq_len"])
+    return best.rename(columns={"impl": "cache_impl", "seq_len": "cache_len"})[
+        ["device_name", "variant", "cache_impl", "cache_len", "cache_bytes"]]
+
+
+def frontier_recall(train: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, MQAR recall of the study ``recall`` (ok rows): the mean and standard deviation over
+    seeds of the held-out accuracy after training, of its best impl, and how many seeds."""
+    ok = train[(train["status"] == "ok") & train["study"].eq(RECALL_STUDY) & train["task"].eq(RECALL_TASK)]
+    per_impl = ok.groupby(["variant", "family", "impl"], as_index=False).agg(
+        recall=("accuracy", "mean"), recall_std=("accuracy", "std"), seeds=("seed", "nunique"))
+    best = per_impl.loc[per_impl.groupby("variant")["recall"].idxmax()] if len(per_impl) else per_impl
+    return best[["variant", "family", "recall", "recall_std", "seeds"]]
+
+
+def frontier(kernel: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """Per device and variant: fwd_bwd time (frontier_speed), decode cache (frontier_cache) and MQAR
+    recall (frontier_recall), joined by variant name; a value a variant lacks is NaN. ``on_front``:
+    on the device's Pareto front of (least time, most recall), only variants with both."""
+    speed, recall = frontier_speed(kernel), frontier_recall(train)
+    frames = []
+    for device, rows in speed.groupby("device_name", sort=True):
+        joined = rows.merge(recall, on="variant", how="outer", suffixes=("", "_trained"))
+        joined = joined.assign(device_name=device, family=joined["family"].fillna(joined["family_trained"]),
+                               seq_len=rows["seq_len"].iloc[0], config=rows["config"].iloc[0])
+        frames.append(joined.assign(on_front=pareto_front(joined["time_ms"], joined["recall"])))
+    if not frames:
+        return pd.DataFrame(columns=FRONTIER_COLUMNS)
+    table = pd.concat(frames, ignore_index=True).merge(frontier_cache(kernel), on=["device_name", "variant"],
+                                                       how="left")
+    return table.sort_values(["device_name", "time_ms", "variant"], na_position="last", ignore_index=True)[
+        FRONTIER_COLUMNS]

@@ -426,3 +426,58 @@ def accumulation_figure(data: pd.DataFrame, style_of: dict[str, Style], order: S
              data["accum_steps"], "accumulated micro-batches k (batch ÷ k each)")
     canvas.legend(*_legend_entries(handles, order))
     return _svg(canvas.fig)
+
+
+# Marker areas (points²) of the frontier figure: the least and the largest cache drawn (a variant
+# without a decode step measured is drawn hollow at the least size).
+CACHE_AREA = (25.0, 400.0)
+
+
+def _cache_area(cache: pd.Series, low: float, high: float) -> np.ndarray:
+    """Marker area ∝ log cache bytes between ``low`` and ``high`` bytes; the least area where unknown."""
+    span = math.log(high / low) if high > low else 1.0
+    scaled = np.log(cache.to_numpy(dtype=float) / low) / span
+    return np.nan_to_num(CACHE_AREA[0] + scaled * (CACHE_AREA[1] - CACHE_AREA[0]), nan=CACHE_AREA[0])
+
+
+def _bytes_label(value: float) -> str:
+    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if value >= 1 << shift:
+            return f"{value / (1 << shift):.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+@_styled
+def frontier_figure(data: pd.DataFrame, colour_of: dict[str, str]) -> str:
+    """Recall against fwd_bwd time (log x), one labelled marker per variant with both (rows of
+    analysis.frontier for one device), its area ∝ log of its decode cache (hollow: no decode step);
+    the Pareto front joined by a step line; a legend of cache sizes."""
+    drawn = data.dropna(subset=["time_ms", "recall"]).sort_values("time_ms")
+    cache = drawn["cache_bytes"].dropna()
+    low, high = (float(cache.min()), float(cache.max())) if len(cache) else (1.0, 1.0)
+    sizes = [low] if high == low else [low, math.sqrt(low * high), high]
+    labels = [f"cache {_bytes_label(v)}" for v in sizes] + ["no decode step", "Pareto front"]
+    canvas, (ax,) = _line_canvas(labels, 1, WIDE_PLOT * 0.75, 0.0)
+    areas = _cache_area(drawn["cache_bytes"], low, high)
+    for i, ((_, row), area) in enumerate(zip(drawn.iterrows(), areas, strict=True)):
+        colour = colour_of.get(row["variant"], PALETTE[0])
+        hollow = pd.isna(row["cache_bytes"])
+        ax.scatter(row["time_ms"], row["recall"], s=area, facecolors="white" if hollow else colour,
+                   edgecolors=colour, alpha=0.85, linewidths=1.2, zorder=3)
+        ax.annotate(_text(row["variant"]), (row["time_ms"], row["recall"]), textcoords="offset points",
+                    xytext=(6, 4 if i % 2 else -11), fontsize=8, zorder=4)  # alternate: neighbours apart
+    front = drawn[drawn["on_front"].astype(bool)].sort_values("time_ms")
+    if len(front):  # a staircase: each front point holds its recall until the next, faster-to-better
+        ax.step(front["time_ms"], front["recall"], where="post", color="#444444", linewidth=1.0,
+                linestyle=(0, (3, 2)), zorder=2)
+    ax.set_xscale("log")
+    _plain_log_labels(ax.xaxis)
+    ax.set_xlabel(f"fwd_bwd time (ms, median, n={int(data['seq_len'].iloc[0]):,})" if len(data) else "time (ms)")
+    ax.set_ylabel("MQAR recall (accuracy, mean over seeds)")
+    ax.set_ylim(-0.03, 1.05)
+    handles = [ax.scatter([], [], s=a, facecolors="#999999", edgecolors="#999999")
+               for a in _cache_area(pd.Series(sizes), low, high)]
+    handles.append(ax.scatter([], [], s=CACHE_AREA[0], facecolors="white", edgecolors="#999999"))
+    handles.append(Line2D([], [], color="#444444", linewidth=1.0, linestyle=(0, (3, 2))))
+    canvas.legend(handles, labels)
+    return _svg(canvas.fig)

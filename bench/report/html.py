@@ -11,7 +11,9 @@ draws nothing or claims there is nothing while the other kind has data. The grou
 layouts sections are left out unless a run varies heads ÷ kv_heads, or has packed and padded points
 (decoding: a ragged batch beside a padded or uniform one), and say so in one line where it does but
 nothing ran ok to compare. Training sections (kind "train", one grid per study) are left out when no
-study varies what they are about. Profile links point at local files only, relative to the report's
+study varies what they are about. The frontier section needs both kinds (a kernel run and a training
+run given together): left out of results of one kind, one line where fwd_bwd points or the recall
+study are missing. Profile links point at local files only, relative to the report's
 folder.
 """
 
@@ -491,6 +493,38 @@ def train_quality_section(report: Report) -> Section | None:
                           training.quality_sentence, styles=styles)
 
 
+FRONTIER_TITLE = "Speed, memory and recall frontier"
+
+
+def _no_frontier(report: Report) -> str | None:
+    """The frontier section's line where the results hold kernel and training rows but not both axes."""
+    missing = []
+    if analysis.frontier_speed(report.kernel).empty:
+        missing.append("no fwd_bwd kernel point ran ok")
+    if analysis.frontier_recall(report.train).empty:
+        missing.append(f"no training study {analysis.RECALL_STUDY!r} on {analysis.RECALL_TASK} has an ok run "
+                       "(bench run train --preset recall)")
+    return f"No frontier: {' and '.join(missing)}." if missing else None
+
+
+def frontier_section(report: Report) -> Section | None:
+    """Left out unless the results hold both kernel and training rows (a kernel run and a training run
+    given together); a line where one of the two axes is missing."""
+    if not (len(report.kernel) and len(report.train)):
+        return None
+    line = _no_frontier(report)
+    if line:
+        return Section("frontier", FRONTIER_TITLE, Markup('<p class="note">{}</p>').format(line))
+    table = analysis.frontier(report.kernel, report.train)
+    families = table[["variant", "family"]].drop_duplicates("variant")
+    colour_of = {v: s.color for v, s in figures.styles(figures.legend_order(families["variant"],
+                                                                            families["family"]), None).items()}
+    items = [{"title": device, "config": rows["config"].iloc[0],
+              "svg": Markup(figures.frontier_figure(rows, colour_of)), "rows": _records(rows)}
+             for device, rows in table.groupby("device_name", sort=True)]
+    return Section("frontier", FRONTIER_TITLE, _render("frontier.html.j2", items=items))
+
+
 def problems_section(report: Report) -> Section:
     body = _render("problems.html.j2", rows=_records(analysis.problems(report.measured)), styles=report.style_of)
     return Section("problems", "Problems", body)
@@ -498,7 +532,7 @@ def problems_section(report: Report) -> Section:
 
 SECTIONS: list[SectionBuilder] = [overview_section, scaling_plots_section, ratios_section, exponents_section,
                                   throughput_section, decode_section, gqa_section, layouts_section,
-                                  quality_section, profiles_section,
+                                  quality_section, profiles_section, frontier_section,
                                   train_quality_section,
                                   accumulation_section, sharing_section, gelu_section, problems_section]
 

@@ -75,18 +75,45 @@ class ModelConfig:
 
 
 class Attention(nn.Module):
+    """Projections to q, k, v (as many key/value heads as query heads: TinyLM has no GQA), the entry,
+    the output projection; and each extra input the entry declares (variants.inputs), made as the
+    published architectures make theirs: a per-token one (GLA's gates, DeltaNet's β) by a projection
+    of the token's hidden state of its own, then the input's activation; a per-head one (a sink's
+    logit) from a learned parameter per head, through the same activation."""
+
     def __init__(self, cfg: ModelConfig, entry: Entry) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
         self.entry, self.params = entry, entry.resolve(cfg.attn_params)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        per_token = [x for x in entry.inputs if x.per_token]
+        self.projections = nn.ModuleDict({x.name: nn.Linear(cfg.d_model, cfg.heads * x.width(cfg.head_dim))
+                                          for x in per_token})
+        # Zeros, not a draw: every head starts alike and the gradient tells them apart; a sink's logit
+        # of 0 starts the sink as heavy as one key of score 0, neither dominant nor absent.
+        self.per_head = nn.ParameterDict({x.name: nn.Parameter(torch.zeros(cfg.heads))
+                                          for x in entry.inputs if not x.per_token})
+
+    def extra_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The entry's extra inputs for hidden states ``x`` (batch, n, d_model), in ExtraInput.shape's
+        layout: (batch, heads, n) or (batch, heads, n, head_dim) per token, (heads,) per head."""
+        b, n, _ = x.shape
+        extras = {}
+        for spec in self.entry.inputs:
+            if spec.per_token:
+                raw = self.projections[spec.name](x).view(b, n, self.heads, -1).transpose(1, 2)
+                raw = raw if spec.channels else raw.squeeze(-1)
+            else:
+                raw = self.per_head[spec.name]
+            extras[spec.name] = spec.activation(raw)
+        return extras
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = (t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).chunk(3, dim=-1))
-        y = self.entry.forward(q, k, v, causal=True, **self.params)
+        y = self.entry.forward(q, k, v, causal=True, **self.extra_inputs(x), **self.params)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
