@@ -43,3 +43,15 @@ def builtin_entries() -> list[variants.Entry]:
 def small_params(entry: variants.Entry) -> dict:
     table = SMALL_STRIDED if entry.variant == "strided" else SMALL
     return {k: table[k] for k in entry.params}
+
+
+def extra_inputs(entry: variants.Entry, tag: str, rows: int, heads: int, kv_heads: int, tokens: int,
+                 head_dim: int) -> dict:
+    """The entry's declared extra inputs (gates, β, sink logits), seeded by ``tag``, in float64."""
+    import zlib
+
+    import torch
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{tag}-extras".encode()))
+    return {x.name: x.draw(x.shape(rows, heads, kv_heads, tokens, head_dim), gen, "cpu", torch.float64)
+            for x in entry.inputs}

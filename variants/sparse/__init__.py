@@ -162,6 +162,26 @@ def strided_parts(n: int, window: int, rate: int, causal: bool) -> tuple[Part, .
     return tuple(parts)
 
 
+SINKS_CAUSAL_ONLY = ("StreamingLLM's sinks stand in for the evicted past of a causal stream; a non-causal "
+                     "pattern with sinks has no published definition")
+
+
+@functools.lru_cache(maxsize=256)
+def sink_parts(n: int, window: int, sinks: int, causal: bool) -> tuple[Part, ...]:
+    """(j < s ∨ i − j <= w) ∧ j <= i: the causal local parts plus the sink keys beyond the window,
+    j < min(s, i − w): rows w + 1 + a against keys c <= a (causal, while a < s − 1), then every row
+    from s + w against all s sinks (full). No key is counted twice."""
+    if not causal:
+        raise ValueError(SINKS_CAUSAL_ONLY)
+    parts = list(local_parts(n, window, True))
+    stair = min(sinks - 1, n - window - 1)
+    if stair > 0:
+        parts.append(Part(_span(window + 1, stair), _span(0, stair), "causal"))
+    if n > sinks + window:
+        parts.append(Part(_span(sinks + window, n - sinks - window), _span(0, sinks), "full"))
+    return tuple(parts)
+
+
 PartsOf = Callable[..., tuple[Part, ...]]  # (n, causal=, **params) -> the pattern's parts over n positions
 
 
@@ -257,13 +277,13 @@ def _structured(parts_of: PartsOf):
     return forward
 
 
-def _parts_kernel(parts_of: PartsOf, tiles: str):
-    """``kernel(point)``: what :func:`merged_attention` runs for the point's parts."""
+def _parts_kernel(parts_of: PartsOf, tiles: str, sink: bool = False):
+    """``kernel(point)``: what :func:`merged_attention` runs for the point's parts (with a sink logit)."""
     def kernel(point: Point) -> str:
         layout = layout_of(point)
         n = point.seq_len if layout is None else layout.width
         parts = layout_parts(parts_of, n, point.causal, dict(point.params), layout)
-        text = describe(parts, n, point.device, point.torch_dtype, point.head_dim, tiles)
+        text = describe(parts, n, point.device, point.torch_dtype, point.head_dim, tiles, sink)
         if layout is not None:
             text += (f", in {len(layout.lengths[0])} packed documents" if layout.kind == PACKED
                      else f", in {len(layout.lengths)} padded rows, no mask")
@@ -311,7 +331,9 @@ PATTERN_DEFAULTS = {
     "local": {"window": 256},
     "atrous": {"rate": 8},
     "strided": {"window": 128, "rate": 128},
+    "sinks": {"sinks": 4, "window": 256},
 }
+CAUSAL_ONLY = {"sinks": SINKS_CAUSAL_ONLY}  # pattern -> why it refuses non-causal
 
 @dataclass(frozen=True)
 class StructuredImpl:
@@ -332,23 +354,35 @@ STRUCTURED = {
     "strided": StructuredImpl("merged", strided_parts, "tiles",
                               "local parts ⊕ residue-class parts beyond the window, fused calls merged by "
                               "log-sum-exp"),
+    "sinks": StructuredImpl("merged", sink_parts, "tiles",
+                            "local parts ⊕ each row against the sink keys beyond its window (one causal, "
+                            "one full fused call), merged by log-sum-exp, O(n·(w + s)) memory"),
 }
 STRUCTURED_CAPS = Capabilities(layouts=ALL_LAYOUTS, gqa=True, probe=structured_refusal)
+DENSE_CAPS = Capabilities(layouts=ALL_LAYOUTS, gqa=True)
+
+
+def _causal_only(caps: Capabilities, sparsity: str) -> Capabilities:
+    if sparsity not in CAUSAL_ONLY:
+        return caps
+    return replace(caps, causal=frozenset({True}), causal_reason=CAUSAL_ONLY[sparsity])
+
 
 for _sparsity, _defaults in PATTERN_DEFAULTS.items():
     # One decode path per pattern: every impl of it computes the same function, so keeps the same cache.
     _common = dict(family="sparse", reference=_reference(_sparsity), flops=sparse_flops(_sparsity),
                    params=_defaults, decoder=_pattern_decoder(_sparsity, sdpa_attend, "sdpa"))
-    register(Entry(_sparsity, "dense", forward=_dense(_sparsity), caps=Capabilities(layouts=ALL_LAYOUTS, gqa=True),
+    register(Entry(_sparsity, "dense", forward=_dense(_sparsity), caps=_causal_only(DENSE_CAPS, _sparsity),
                    kernel_name=_mask_kernel("sdpa with dense bool mask", " of pattern ∧ same document",
                                             " of pattern ∧ real keys, one per row"),
                    summary="SDPA with the dense boolean mask, O(n²) memory", **_common))
-    register(Entry(_sparsity, "flex", forward=_flex(_sparsity), caps=FLEX_CAPS,
+    register(Entry(_sparsity, "flex", forward=_flex(_sparsity), caps=_causal_only(FLEX_CAPS, _sparsity),
                    kernel_name=_mask_kernel("flex_attention (torch.compile)", " with the document block mask",
                                             " with a block mask per padded row"),
                    summary="FlexAttention with the block mask", **_common))
     _impl = STRUCTURED[_sparsity]
-    register(Entry(_sparsity, _impl.impl, forward=_structured(_impl.parts_of), caps=STRUCTURED_CAPS,
+    register(Entry(_sparsity, _impl.impl, forward=_structured(_impl.parts_of),
+                   caps=_causal_only(STRUCTURED_CAPS, _sparsity),
                    kernel_name=_parts_kernel(_impl.parts_of, _impl.tiles), summary=_impl.summary, **_common))
 
 register(Entry(
@@ -360,3 +394,5 @@ register(Entry(
     decoder=_pattern_decoder("local", xformers_attend, "xformers memory_efficient_attention",
                              xformers_mask_of(_local_window_bias)),
     summary="xformers memory_efficient_attention with its local attention bias"))
+
+from . import sink_logit  # noqa: E402, F401  (builds on the helpers above)
