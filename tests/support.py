@@ -30,7 +30,7 @@ def why_not(entry: variants.Entry, point: variants.Point) -> str | None:
 
 
 # Small parameters, so that at the tests' lengths the structure matters (several blocks, chunks, residues).
-SMALL = {"window": 16, "rate": 4, "features": 64, "proj_len": 32, "chunk": 32}
+SMALL = {"window": 16, "rate": 4, "features": 64, "proj_len": 32, "chunk": 32, "sinks": 3}
 SMALL_STRIDED = {"window": 8, "rate": 16}
 
 
