@@ -20,7 +20,7 @@ Factories follow attention-gym: one small function per pattern, returning a mask
 
 Long sequences are the point of sparse attention, so nothing here evaluates the mask function over
 the whole n × n grid at once: the dense mask is filled in row chunks, and a pattern that depends on
-i − j only (every pattern here: :attr:`Pattern.relative`) has its block mask and its per-row counts
+i − j only (every pattern here but sinks: :attr:`Pattern.relative`) has its block mask and its per-row counts
 read from one evaluation per block diagonal or per offset.
 """
 
@@ -48,7 +48,7 @@ class Pattern:
     mask: MaskFn
     # The xformers attn_bias expressing the pattern; None when xformers has no such class.
     xformers: BiasSpec | None = None
-    # Every pattern here depends on i − j only, and on it through a period: the queries i in
+    # Every pattern here depends on i − j (sinks: besides keys j < s), and on it through a period: the queries i in
     # [n, n + period) reach every key that any later query reaches (what a decode cache must keep).
     period: int = 1
     # Whether the mask depends on i − j only (a Toeplitz mask): then every block of a block diagonal
@@ -132,7 +132,7 @@ def pattern(sparsity: str, causal_: bool, **params: int) -> Pattern:
     # sinks: the local window (relative) plus the first keys, which depend on j alone
     rule = pattern("local", causal_, window=params["window"]) if sparsity == "sinks" else None
     return Pattern(name=name, mask=_named(fn, name), xformers=bias, period=period, relative=rule is None,
-                   rule=rule, sinks=params.get("sinks", 0) if rule else 0)
+                   rule=rule, sinks=params["sinks"] if rule else 0)
 
 
 # standard causal attention, as a pattern (decode caches)

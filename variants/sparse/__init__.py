@@ -1,4 +1,6 @@
-"""Sparse Transformer patterns — local window, atrous (dilated), strided (local ∪ atrous).
+"""Sparse Transformer patterns — local window, atrous (dilated), strided (local ∪ atrous) — and
+attention sinks: StreamingLLM's ``sinks`` (the first s keys ∪ a causal window, here) and gpt-oss's
+``sink-logit`` (a per-head logit in the denominator over a window, :mod:`.sink_logit`).
 
 Layout ``(batch, heads, seq, head_dim)``. Each pattern is one mask function (:mod:`variants.masks`),
 the definition the references, FLOPs and the mask-based impls derive from:
@@ -19,9 +21,9 @@ allow exactly the pairs of the mask.
 Grouped-query heads and documents (:mod:`variants.layouts`). Every impl takes fewer K/V heads than
 query heads without repeating K and V: SDPA's and FlexAttention's ``enable_gqa``, xformers' 5-D
 form, and the parts run each group member's query heads against K and V as they are. A packed
-batch's mask is the pattern ∧ same document (:func:`masks.document_masks`), exactly the pattern
-within each document as every pattern depends on i − j only; the structured impls build their
-parts per document, shifted to where it starts. A padded batch masks the padding keys (dense,
+batch's mask is the pattern, on positions within each document, ∧ same document
+(:func:`masks.document_masks`): exactly the pattern within each document, a document's sinks its own
+first tokens; the structured impls build their parts per document, shifted to where it starts. A padded batch masks the padding keys (dense,
 flex); causal, the parts need no mask there (padding keys come after every real query's keys),
 non-causal they cannot take one and refuse.
 """
@@ -194,7 +196,7 @@ def _shifted(part: Part, by: int) -> Part:
 def document_parts(parts_of: PartsOf, lengths: tuple[int, ...], causal: bool,
                    params: tuple[tuple[str, int], ...]) -> tuple[Part, ...]:
     """A packed row's parts: each document's own, shifted to where it starts, so no part crosses a
-    document boundary (pattern ∧ same document, as the pattern depends on i − j only)."""
+    document boundary: the pattern within each document, sinks included."""
     parts, start = [], 0
     for length in lengths:
         parts += (_shifted(part, start) for part in parts_of(length, causal=causal, **dict(params)))
