@@ -272,3 +272,15 @@ def test_decode_cache_holds_the_sinks_and_the_window_whatever_n():
     point = variants.Point(batch=1, heads=4, seq_len=4096, head_dim=64, causal=True, mode="decode",
                            params=window.resolve())
     assert window.decoder.cache_bytes(point) == 2 * 4 * 64 * 4 * 128  # the window; the sink logit costs nothing
+
+
+def test_a_tiny_model_learns_its_sink_logits():
+    """Training: each layer's sink logits are parameters of its own, one per head, with gradients."""
+    from bench.train.model import ModelConfig, TinyLM
+
+    model = TinyLM(ModelConfig(vocab=32, seq_len=24, d_model=16, layers=1, heads=2, attn_params={"window": 4}),
+                   variants.get("sink-logit/merged"))
+    tokens = torch.randint(0, 32, (2, 24), generator=torch.Generator().manual_seed(0))
+    model(tokens).float().pow(2).mean().backward()
+    (sink,) = [p for name, p in model.named_parameters() if name.endswith("per_head.sink")]
+    assert sink.shape == (2,) and sink.grad is not None and bool(sink.grad.abs().gt(0).all())

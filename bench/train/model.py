@@ -81,12 +81,15 @@ class Attention(nn.Module):
         self.entry, self.params = entry, entry.resolve(cfg.attn_params)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        # Per-head extra inputs (a sink logit) are learned parameters, as gpt-oss learns its sinks.
+        self.per_head = nn.ParameterDict({x.name: nn.Parameter(torch.zeros(cfg.heads))
+                                          for x in entry.inputs if not x.per_token})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = (t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).chunk(3, dim=-1))
-        y = self.entry.forward(q, k, v, causal=True, **self.params)
+        y = self.entry.forward(q, k, v, causal=True, **dict(self.per_head), **self.params)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
