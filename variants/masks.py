@@ -27,6 +27,7 @@ read from one evaluation per block diagonal or per offset.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -291,11 +292,11 @@ def _with_sink_columns(classes: tuple[torch.Tensor, torch.Tensor], mask: MaskFn,
     """A pattern with sinks: ``classes`` are its rule's, exact wherever a column of blocks holds no
     sink key; the columns holding the first ``sinks`` keys of some document (of ``lengths`` back to
     back) are evaluated as they are, against the row blocks of the documents they cross (other
-    rows are in other documents: nothing allowed, as the rule's classes say). Memory: one column of
-    blocks over a chunk of rows at a time."""
-    full, partial = (t.clone() for t in classes)
+    rows are in other documents: nothing allowed, as the rule's classes say), updated in place.
+    Memory: one column of blocks over a chunk of rows at a time."""
+    full, partial = classes
     width = sum(lengths)
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    starts = list(itertools.accumulate(lengths, initial=0))[:-1]
     columns = sorted({c for start, length in zip(starts, lengths, strict=True) if length
                       for c in range(start // BLOCK, (start + min(sinks, length) - 1) // BLOCK + 1)})
     rows_per_chunk = max(BLOCK, _rows_per_chunk(BLOCK) // BLOCK * BLOCK)
