@@ -16,16 +16,17 @@ allow exactly the pairs of the mask.
 
 * ``blocked`` (local): blocks of w against their own block and their two neighbours;
 * ``reshape`` (atrous): the ``rate`` interleaved subsequences, each attended without mask;
-* ``merged`` (strided): the local parts plus the residue-class keys beyond the window.
+* ``merged`` (strided): the local parts plus the residue-class keys beyond the window; (sinks):
+  the local parts plus the sink keys beyond the window.
 
 Grouped-query heads and documents (:mod:`variants.layouts`). Every impl takes fewer K/V heads than
 query heads without repeating K and V: SDPA's and FlexAttention's ``enable_gqa``, xformers' 5-D
 form, and the parts run each group member's query heads against K and V as they are. A packed
 batch's mask is the pattern, on positions within each document, ∧ same document
 (:func:`masks.document_masks`): exactly the pattern within each document, a document's sinks its own
-first tokens; the structured impls build their parts per document, shifted to where it starts. A padded batch masks the padding keys (dense,
-flex); causal, the parts need no mask there (padding keys come after every real query's keys),
-non-causal they cannot take one and refuse.
+first tokens; the structured impls build their parts per document, shifted to where it starts. A
+padded batch masks the padding keys (dense, flex); causal, the parts need no mask there (padding
+keys come after every real query's keys), non-causal they cannot take one and refuse.
 """
 
 from __future__ import annotations
