@@ -32,7 +32,7 @@ def why_not(entry: variants.Entry, point: variants.Point) -> str | None:
 
 
 # Small parameters, so that at the tests' lengths the structure matters (several blocks, chunks, residues).
-SMALL = {"window": 16, "rate": 4, "features": 64, "proj_len": 32, "chunk": 32}
+SMALL = {"window": 16, "rate": 4, "features": 64, "proj_len": 32, "chunk": 32, "sinks": 3}
 SMALL_STRIDED = {"window": 8, "rate": 16}
 # Based's features are d' projections and their d'² products: at 64, 4161 per token would slow every case.
 SMALL_BASED = {"window": 16, "features": 8, "chunk": 32}
@@ -60,3 +60,15 @@ def xfail_until_registered(preset: str) -> None:
     missing = sorted(set(AWAITING_VARIANTS.get(preset, ())) - set(variants.variant_names()))
     if missing:
         pytest.xfail(f"preset {preset} names variants not registered in this branch: {', '.join(missing)}")
+
+
+def extra_inputs(entry: variants.Entry, tag: str, rows: int, heads: int, kv_heads: int, tokens: int,
+                 head_dim: int) -> dict:
+    """The entry's declared extra inputs (gates, β, sink logits), seeded by ``tag``, in float64."""
+    import zlib
+
+    import torch
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{tag}-extras".encode()))
+    return {x.name: x.draw(x.shape(rows, heads, kv_heads, tokens, head_dim), gen, "cpu", torch.float64)
+            for x in entry.inputs}

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from support import why_not
+from support import extra_inputs, why_not
 
 import variants
 from bench import plan, spec
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 
 B, H, D = 2, 3, 16
 # Small parameters, so that short prefixes already hold several windows and residue classes.
-SMALL = {"window": 8, "rate": 4, "features": 32, "chunk": 16, "proj_len": 16}
+SMALL = {"window": 8, "rate": 4, "features": 32, "chunk": 16, "proj_len": 16, "sinks": 3}
 SMALL_STRIDED = {"window": 6, "rate": 8}
 
 
@@ -54,9 +54,10 @@ def tokens(tag: str, n: int, dtype: torch.dtype = torch.float64) -> list[torch.T
 def test_float32_step_is_within_the_entry_tolerance(entry):
     params = entry.resolve(small_params(entry))
     q, k, v = tokens(entry.name, 200 + 1, torch.float32)
-    cache = entry.decoder.prefill(k[:, :, :200], v[:, :, :200], q_len=1, **params)
-    out = entry.decoder.step(q[:, :, 200:], k[:, :, 200:], v[:, :, 200:], cache, **params)
-    expected = entry.reference(*(t.double() for t in (q, k, v)), causal=True, **params)[:, :, 200:]
+    extras = extra_inputs(entry, entry.name, B, H, H, 200 + 1, D)  # per-head ones (a sink logit) only here
+    cache = entry.decoder.prefill(k[:, :, :200], v[:, :, :200], q_len=1, **extras, **params)
+    out = entry.decoder.step(q[:, :, 200:], k[:, :, 200:], v[:, :, 200:], cache, **extras, **params)
+    expected = entry.reference(*(t.double() for t in (q, k, v)), causal=True, **extras, **params)[:, :, 200:]
     assert variants.relative_error(out, expected) <= entry.tolerance["float32"]
 
 

@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 import torch
-from support import small_params, why_not
+from support import extra_inputs, small_params, why_not
 
 import variants
 from variants import layouts, masks
@@ -61,12 +61,17 @@ def sequence(tokens: tuple[torch.Tensor, ...], i: int, n: int, q_len: int) -> li
     return [t[i:i + 1].index_select(2, keep) for t in tokens]
 
 
+def extras(entry: variants.Entry) -> dict[str, torch.Tensor]:
+    """The entry's per-head extra inputs (a sink logit), the same for every sequence and token."""
+    return extra_inputs(entry, entry.name, 1, H, H, 1, D)
+
+
 def own_forward(entry: variants.Entry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The entry's own causal forward; K and V repeated to the query heads for a forward without
     grouped heads (decoding groups whatever the forward does)."""
     if not entry.caps.gqa:
         k, v = layouts.repeat_kv(k, q.shape[1]), layouts.repeat_kv(v, q.shape[1])
-    return entry(q, k, v, causal=True, **small_params(entry))
+    return entry(q, k, v, causal=True, **extras(entry), **small_params(entry))
 
 
 def step(entry: variants.Entry, tokens: tuple[torch.Tensor, ...], layout: Layout | None, q_len: int):
@@ -74,9 +79,9 @@ def step(entry: variants.Entry, tokens: tuple[torch.Tensor, ...], layout: Layout
     width = q.shape[2] - q_len
     params = entry.resolve(small_params(entry))
     extra = {"layout": layout} if layout is not None else {}
-    cache = entry.decoder.prefill(k[:, :, :width], v[:, :, :width], q_len=q_len, **extra, **params)
+    cache = entry.decoder.prefill(k[:, :, :width], v[:, :, :width], q_len=q_len, **extra, **extras(entry), **params)
     new = [t[:, :, width:].contiguous() for t in tokens]
-    return entry.decoder.step(*new, cache, **params), cache, new
+    return entry.decoder.step(*new, cache, **extras(entry), **params), cache, new
 
 
 CASES = [pytest.param(e, kv, kind, q_len, id=f"{e.name}-{kind}-kv{kv or H}-q{q_len}")
@@ -93,11 +98,12 @@ def test_step_equals_the_entry_forward_and_reference_on_every_sequence(entry, kv
     for i, n in enumerate(lengths):
         seq = sequence(tokens, i, n, q_len)
         full = own_forward(entry, *seq)[:, :, -q_len:]
-        reference = layouts.reference_attention(entry.reference, *seq, causal=True, **params)[:, :, -q_len:]
+        reference = layouts.reference_attention(entry.reference, *seq, causal=True, extras=extras(entry),
+                                                **params)[:, :, -q_len:]
         assert variants.relative_error(out[i:i + 1], full) <= 1e-12, f"sequence {i} (n={n}) vs the forward"
         assert variants.relative_error(out[i:i + 1], reference) <= 1e-10, f"sequence {i} (n={n}) vs the reference"
     # A step leaves the cache as it found it: the same step again gives the same output.
-    assert torch.equal(entry.decoder.step(*new, cache, **params), out)
+    assert torch.equal(entry.decoder.step(*new, cache, **extras(entry), **params), out)
 
 
 @pytest.mark.parametrize("entry", decoding_entries(), ids=lambda e: e.name)
@@ -107,7 +113,8 @@ def test_float32_grouped_ragged_step_is_within_the_entry_tolerance(entry):
     params = entry.resolve(small_params(entry))
     for i, n in enumerate(lengths):
         seq = [t.double() for t in sequence(tokens, i, n, 2)]
-        expected = layouts.reference_attention(entry.reference, *seq, causal=True, **params)[:, :, -2:]
+        expected = layouts.reference_attention(entry.reference, *seq, causal=True, extras=extras(entry),
+                                               **params)[:, :, -2:]
         assert variants.relative_error(out[i:i + 1], expected) <= entry.tolerance["float32"]
 
 
@@ -322,7 +329,8 @@ def test_xformers_steps_group_heads_in_its_five_dimensional_layout(monkeypatch, 
         out, _, _ = step(entry, tokens, layout, q_len)
         for i, n in enumerate(lengths):
             seq = sequence(tokens, i, n, q_len)
-            reference = layouts.reference_attention(entry.reference, *seq, causal=True, **params)[:, :, -q_len:]
+            reference = layouts.reference_attention(entry.reference, *seq, causal=True, extras=extras(entry),
+                                                    **params)[:, :, -q_len:]
             assert variants.relative_error(out[i:i + 1], reference) <= 1e-10, (q_len, i, n)
 
 

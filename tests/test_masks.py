@@ -126,7 +126,8 @@ def test_block_mask_equals_flex_attentions_own(sparsity, params, causal, n):
 
 
 @pytest.mark.parametrize("sparsity, params", [("local", {"window": 256}), ("atrous", {"rate": 8}),
-                                              ("strided", {"window": 128, "rate": 128})])
+                                              ("strided", {"window": 128, "rate": 128}),
+                                              ("sinks", {"sinks": 4, "window": 256})])
 def test_block_mask_at_n_65536_stays_within_256_mib(sparsity, params):
     """create_block_mask's default path evaluates the n × n grid in int64: 34 GB at n 65,536."""
     n = 65536
@@ -375,6 +376,42 @@ def test_document_blocks_from_offsets_equal_the_general_classifier(sparsity, par
         assert full.shape == (len(layout.lengths), -(-layout.width // masks.BLOCK), -(-layout.width // masks.BLOCK))
         expected = masks.document_block_classes(general, layout)
         assert torch.equal(full, expected[0]) and torch.equal(partial, expected[1]), layout
+
+
+SINK_PARAMS = [pytest.param({"sinks": s, "window": w}, id=f"s{s}-w{w}") for s, w in ((4, 16), (1, 0), (130, 3))]
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("params", SINK_PARAMS)
+def test_sink_patterns_blocks_from_their_rule_and_sink_columns_equal_the_general_classifier(params, causal):
+    """A pattern with sinks (not of i − j only) reads its blocks from its relative rule plus the
+    columns of the sink keys: the same blocks as evaluating every pair, dense and per document."""
+    pattern = masks.pattern("sinks", causal, **params)
+    general = dataclasses.replace(pattern, rule=None)
+    for n in SIZES:
+        assert all(torch.equal(a, b) for a, b in zip(masks.block_classes(pattern, n),
+                                                     masks.block_classes(general, n), strict=True)), n
+    for layout in BLOCK_EDGE_LAYOUTS:
+        assert all(torch.equal(a, b) for a, b in zip(masks.document_block_classes(pattern, layout),
+                                                     masks.document_block_classes(general, layout), strict=True))
+
+
+@pytest.mark.parametrize("layout", SHORT_LAYOUTS)
+def test_a_pattern_not_of_i_minus_j_is_evaluated_within_each_document(layout):
+    """Positions are document-relative (a document's sinks are its own first tokens): each
+    document's block of the mask is the pattern's mask at the document's length, and the block
+    mask applies exactly that."""
+    pattern = masks.pattern("sinks", True, sinks=3, window=2)
+    got = masks.cached_document_mask.fn(pattern, layout, "cpu")[:, 0]
+    built = masks.document_block_mask.fn(pattern, layout, "cpu")
+    for row, lengths in enumerate(layout.lengths):
+        start = 0
+        for length in [*lengths, layout.width - sum(lengths)]:
+            own = got[row, start:start + length]
+            assert torch.equal(own[:, start:start + length], masks.dense_mask(pattern.mask, length, length))
+            assert not own[:, :start].any() and not own[:, start + length:].any()
+            start += length
+        assert torch.equal(masks.expand_block_mask(built, layout.width, row), got[row])
 
 
 def test_document_mask_names_carry_the_documents():

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 import torch
-from support import builtin_entries, small_params, why_not
+from support import builtin_entries, extra_inputs, small_params, why_not
 
 import variants
 from variants import Point, linear
@@ -94,15 +94,16 @@ def test_entry_matches_its_float64_reference(entry, n, which, dtype, causal):
     backward = why_not(entry, point(entry, n=n, dtype=dtype, causal=causal, mode="fwd_bwd",
                                        params=params)) is None
     q, k, v, upstream = inputs(f"{entry.name}-{n}-{which}-{causal}", n)
+    extras = extra_inputs(entry, entry.name, B, H, H, n, D)
 
     # Reference: float64, from float64 copies of the inputs, through the declared signature.
-    expected, expected_grads = grads(entry.reference, (q, k, v), upstream, causal=causal,
+    expected, expected_grads = grads(entry.reference, (q, k, v), upstream, causal=causal, **extras,
                                      **entry.resolve(params))
     assert expected.dtype == torch.float64 and expected.shape == q.shape
 
     torch_dtype = variants.DTYPES[dtype]
     leaves = [t.to(torch_dtype).requires_grad_(backward) for t in (q, k, v)]
-    out = entry(*leaves, causal=causal, **params)
+    out = entry(*leaves, causal=causal, **extras, **params)
     assert out.dtype == torch_dtype and out.shape == q.shape
     tol = entry.tolerance[dtype]
     err = variants.relative_error(out, expected)
@@ -137,7 +138,7 @@ def test_cpu_backward_of_flex_is_declared_unsupported():
     """Flex on CPU has no backward: that must be visible through not_supported_reasons(), not only in the name
     (the reference test above relies on it to test such entries forward only, or not at all)."""
     flex = [e for e in builtin_entries() if e.impl == "flex"]
-    assert {e.variant for e in flex} == {"local", "atrous", "strided", "based"}
+    assert {e.variant for e in flex} == {"local", "atrous", "strided", "sinks", "sink-logit", "based"}
     for e in flex:
         for mode in ("bwd", "fwd_bwd"):
             reason = why_not(e, point(e, mode=mode))
@@ -152,10 +153,13 @@ def test_eager_flex_forward_on_cpu_matches_reference(entry, n, causal):
     """Eager (unfused) FlexAttention with the block mask, run directly on CPU whatever not_supported_reasons()
     says for timing: the block mask must select exactly the pattern. Forward only (no CPU backward)."""
     params = small_params(entry)
+    if causal not in entry.caps.causal:
+        pytest.skip(entry.caps.causal_reason)
     q, k, v, _ = inputs(f"flex-{entry.name}-{n}-{causal}", n)
-    expected = entry.reference(q, k, v, causal=causal, **entry.resolve(params))
+    extras = extra_inputs(entry, entry.name, B, H, H, n, D)
+    expected = entry.reference(q, k, v, causal=causal, **extras, **entry.resolve(params))
     for dtype in DTYPES:
-        out = entry(*(t.to(variants.DTYPES[dtype]) for t in (q, k, v)), causal=causal, **params)
+        out = entry(*(t.to(variants.DTYPES[dtype]) for t in (q, k, v)), causal=causal, **extras, **params)
         err = variants.relative_error(out, expected)
         assert err <= entry.tolerance[dtype], (dtype, err)
 

@@ -286,9 +286,10 @@ KV_LAYOUTS = {DENSE: "", PACKED: ", one call per sequence of the ragged batch",
 
 
 def kv_decoder(pattern_of: Callable[[dict], Pattern], attend: Attend, kernel: str,
-               mask_of: MaskOf = boolean_mask) -> Decoder:
+               mask_of: MaskOf = boolean_mask, inputs: tuple[str, ...] = ()) -> Decoder:
     """The KV-cache decoder of a softmax entry whose causal pattern is ``pattern_of(params)``;
-    ``attend`` takes the plan's mask as ``mask_of`` turns it (at prefill, outside any timing)."""
+    ``attend`` takes the plan's mask as ``mask_of`` turns it (at prefill, outside any timing), and
+    the step's extra ``inputs`` (per-head ones, such as a sink logit: no cache cost) by keyword."""
     def plan_of(lengths: tuple[int, ...], q_len: int, params: dict, device: str = "cpu") -> KVPlan:
         return kv_plan(pattern_of(params), lengths, q_len, device)
 
@@ -304,7 +305,8 @@ def kv_decoder(pattern_of: Callable[[dict], Pattern], attend: Attend, kernel: st
 
     def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | RaggedCache,
              **params: Any) -> torch.Tensor:
-        return cache.step(q, k, v, attend)
+        given = {name: params[name] for name in inputs}
+        return cache.step(q, k, v, functools.partial(attend, **given) if given else attend)
 
     def point_plans(point: Point) -> list[tuple[KVPlan, int]]:
         """The point's plans, each with how many times the batch holds it: one padded plan of every

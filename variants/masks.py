@@ -11,18 +11,23 @@ Everything else is derived from that one function, so the forms can never disagr
 * :func:`allowed_per_row` — exact counts of allowed entries (for FLOPs);
 * :func:`reachable_keys` — the prefix positions later queries can still reach (decode caches).
 
+A pattern with sinks (StreamingLLM, :func:`sinks_and_window`) is a relative rule (its window) ∪ the first keys of
+each sequence: not of i − j only, so its block mask and counts are the rule's, read per block
+diagonal or offset, plus the sink keys' few columns evaluated as they are (:attr:`Pattern.rule`).
+
 Factories follow attention-gym: one small function per pattern, returning a mask function whose
 ``__name__`` carries its parameters (``local_w256``, ``atrous_r4_causal``).
 
 Long sequences are the point of sparse attention, so nothing here evaluates the mask function over
 the whole n × n grid at once: the dense mask is filled in row chunks, and a pattern that depends on
-i − j only (every pattern here: :attr:`Pattern.relative`) has its block mask and its per-row counts
+i − j only (every pattern here but sinks: :attr:`Pattern.relative`) has its block mask and its per-row counts
 read from one evaluation per block diagonal or per offset.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,12 +49,16 @@ class Pattern:
     mask: MaskFn
     # The xformers attn_bias expressing the pattern; None when xformers has no such class.
     xformers: BiasSpec | None = None
-    # Every pattern here depends on i − j only, and on it through a period: the queries i in
+    # Every pattern here depends on i − j (sinks: besides keys j < s), and on it through a period: the queries i in
     # [n, n + period) reach every key that any later query reaches (what a decode cache must keep).
     period: int = 1
     # Whether the mask depends on i − j only (a Toeplitz mask): then every block of a block diagonal
     # holds the same pattern, and one evaluation per diagonal classifies them all.
     relative: bool = False
+    # A pattern with sinks: ``rule`` (relative) ∪ keys j < ``sinks`` (causal: j ≤ i), the first keys of
+    # each sequence (of each document: masks are evaluated on positions within it). None: no sinks.
+    rule: Pattern | None = None
+    sinks: int = 0
 
 
 def _named(fn: MaskFn, name: str) -> MaskFn:
@@ -69,6 +78,12 @@ def local(window: int) -> MaskFn:
 def atrous(rate: int) -> MaskFn:
     """Token i sees j when (i − j) mod rate == 0 (dilated: rate interleaved subsequences)."""
     return _named(lambda q_idx, kv_idx: (q_idx - kv_idx) % rate == 0, f"atrous_r{rate}")
+
+
+def sinks_and_window(count: int, window: int) -> MaskFn:
+    """StreamingLLM: token i sees the first ``count`` tokens and j with |i − j| <= window."""
+    return _named(lambda q_idx, kv_idx: (kv_idx < count) | ((q_idx - kv_idx).abs() <= window),
+                  f"sinks_s{count}_w{window}")
 
 
 def or_masks(*fns: MaskFn) -> MaskFn:
@@ -101,12 +116,13 @@ PATTERNS: dict[str, Callable[..., tuple[MaskFn, BiasSpec | None, int]]] = {
     "local": _local_pattern,
     "atrous": lambda rate, causal_: (atrous(rate), None, rate),
     "strided": lambda window, rate, causal_: (or_masks(local(window), atrous(rate)), None, rate),
+    "sinks": lambda sinks, window, causal_: (sinks_and_window(sinks, window), None, 1),
 }
 
 
 @functools.lru_cache(maxsize=256)
 def pattern(sparsity: str, causal_: bool, **params: int) -> Pattern:
-    """The pattern ``sparsity`` (``local``, ``atrous``, ``strided``) with its parameters, causal or not.
+    """The pattern ``sparsity`` (``local``, ``atrous``, ``strided``, ``sinks``) with its parameters, causal or not.
 
     Cached, so equal arguments give the same object and the per-pattern caches below hit."""
     if sparsity not in PATTERNS:
@@ -114,7 +130,10 @@ def pattern(sparsity: str, causal_: bool, **params: int) -> Pattern:
     base, bias, period = PATTERNS[sparsity](causal_=causal_, **params)
     fn = and_masks(base, causal()) if causal_ else base
     name = f"{base.__name__}_causal" if causal_ else base.__name__
-    return Pattern(name=name, mask=_named(fn, name), xformers=bias, period=period, relative=True)
+    # sinks: the local window (relative) plus the first keys, which depend on j alone
+    rule = pattern("local", causal_, window=params["window"]) if sparsity == "sinks" else None
+    return Pattern(name=name, mask=_named(fn, name), xformers=bias, period=period, relative=rule is None,
+                   rule=rule, sinks=params["sinks"] if rule else 0)
 
 
 # standard causal attention, as a pattern (decode caches)
@@ -128,20 +147,40 @@ def same_document(ids: torch.Tensor) -> MaskFn:
     return lambda q_idx, kv_idx: ids[q_idx] == ids[kv_idx]
 
 
+def document_starts(layout: Layout, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Each position's document start (padding: where the row's padding starts), int32 ``(rows, width)``."""
+    starts = torch.zeros(len(layout.lengths), layout.width, dtype=torch.int32)
+    for row, lengths in enumerate(layout.lengths):
+        start = 0
+        for length in [*lengths, layout.width - sum(lengths)]:
+            starts[row, start:start + length] = start
+            start += length
+    return starts.to(device)
+
+
+def within_documents(pattern_: Pattern, starts: torch.Tensor) -> MaskFn:
+    """The pattern on positions within each document (``starts``: each position's document start),
+    so that a document's sinks are its own first tokens. A pattern of i − j only is unchanged by the
+    shift (within a document both move alike) and skips it."""
+    if pattern_.relative:
+        return pattern_.mask
+    return lambda q_idx, kv_idx: pattern_.mask(q_idx - starts[q_idx], kv_idx - starts[kv_idx])
+
+
 def document_mask(mask: MaskFn, ids: torch.Tensor, name: str) -> MaskFn:
-    """``mask`` ∧ same document (attention-gym's ``generate_doc_mask_mod``). Every pattern here
-    depends on i − j only, so this is exactly the pattern applied within each document, wherever
-    the document starts."""
+    """``mask`` ∧ same document (attention-gym's ``generate_doc_mask_mod``), ``mask`` taking positions
+    within the document (:func:`within_documents`)."""
     return and_masks(mask, _named(same_document(ids), name))
 
 
 def document_masks(pattern_: Pattern, layout: Layout, device: torch.device | str = "cpu") -> list[MaskFn]:
-    """Each tensor row's mask function: the pattern ∧ same document, named with the row's document
-    lengths. Padding positions (id −1) form a document of their own: real queries never see a
-    padding key, and a padding query (whose output is not part of the result) sees padding keys,
-    the diagonal at least, so no row of the mask is empty."""
-    ids = layout.document_ids(device)
-    return [document_mask(pattern_.mask, ids[row], _documents_name(lengths, layout.width))
+    """Each tensor row's mask function: the pattern within each document ∧ same document, named with
+    the row's document lengths. Padding positions (id −1) form a document of their own: real queries
+    never see a padding key, and a padding query (whose output is not part of the result) sees
+    padding keys, the diagonal at least, so no row of the mask is empty."""
+    ids, starts = layout.document_ids(device), document_starts(layout, device)
+    return [document_mask(_named(within_documents(pattern_, starts[row]), pattern_.name), ids[row],
+                          _documents_name(lengths, layout.width))
             for row, lengths in enumerate(layout.lengths)]
 
 
@@ -248,8 +287,38 @@ def _edge_classes(mask: MaskFn, n: int, rows: bool) -> tuple[torch.Tensor, torch
     return _classify(allowed.view(BLOCK, nb, BLOCK).transpose(0, 1))
 
 
+def _with_sink_columns(classes: tuple[torch.Tensor, torch.Tensor], mask: MaskFn, sinks: int,
+                       lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pattern with sinks: ``classes`` are its rule's, exact wherever a column of blocks holds no
+    sink key; the columns holding the first ``sinks`` keys of some document (of ``lengths`` back to
+    back) are evaluated as they are, against the row blocks of the documents they cross (other
+    rows are in other documents: nothing allowed, as the rule's classes say), updated in place.
+    Memory: one column of blocks over a chunk of rows at a time."""
+    full, partial = classes
+    width = sum(lengths)
+    starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+    columns = sorted({c for start, length in zip(starts, lengths, strict=True) if length
+                      for c in range(start // BLOCK, (start + min(sinks, length) - 1) // BLOCK + 1)})
+    rows_per_chunk = max(BLOCK, _rows_per_chunk(BLOCK) // BLOCK * BLOCK)
+    for c in columns:
+        end = min(width, (c + 1) * BLOCK)
+        keys = torch.arange(c * BLOCK, end, dtype=torch.int32)
+        crossing = [(s, s + n) for s, n in zip(starts, lengths, strict=True) if s < end and s + n > c * BLOCK]
+        first, last = min(s for s, _ in crossing) // BLOCK * BLOCK, max(e for _, e in crossing)
+        for lo in range(first, last, rows_per_chunk):
+            hi = min(last, lo + rows_per_chunk)
+            allowed = torch.zeros(-(-(hi - lo) // BLOCK) * BLOCK, BLOCK, dtype=torch.bool)
+            rows = torch.arange(lo, hi, dtype=torch.int32)[:, None]
+            allowed[:hi - lo, :keys.numel()] = mask(rows, keys[None, :]).expand(hi - lo, keys.numel())
+            blocks = slice(lo // BLOCK, lo // BLOCK + allowed.shape[0] // BLOCK)
+            full[blocks, c], partial[blocks, c] = _classify(allowed.view(-1, BLOCK, BLOCK))
+    return full, partial
+
+
 def block_classes(pattern_: Pattern, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Which ``BLOCK × BLOCK`` blocks of an ``n × n`` problem are full and which partial (CPU)."""
+    if pattern_.rule is not None:
+        return _with_sink_columns(block_classes(pattern_.rule, n), pattern_.mask, pattern_.sinks, [n])
     return (_block_classes_relative if pattern_.relative else _block_classes_any)(pattern_.mask, n)
 
 
@@ -312,10 +381,15 @@ def _documents_block_classes(pattern_: Pattern, lengths: tuple[int, ...], width:
 
 def document_block_classes(pattern_: Pattern, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """(full, partial) ``(rows, blocks, blocks)`` of a packed or padded batch's :func:`document_masks`:
-    from the offsets within each document for a pattern of i − j only, else by the general
-    classifier (rows of blocks chunk by chunk, work ∝ width² per row)."""
+    from the offsets within each document for a pattern of i − j only (with sinks: its rule's, plus
+    the sink keys' columns), else by the general classifier (rows of blocks chunk by chunk, work ∝
+    width² per row)."""
     if pattern_.relative:
         rows = [_documents_block_classes(pattern_, lengths, layout.width) for lengths in layout.lengths]
+    elif pattern_.rule is not None:  # the rule's, from the offsets, and the sink keys' columns
+        rows = [_with_sink_columns(_documents_block_classes(pattern_.rule, lengths, layout.width), mask,
+                                   pattern_.sinks, [*lengths, layout.width - sum(lengths)])
+                for lengths, mask in zip(layout.lengths, document_masks(pattern_, layout), strict=True)]
     else:
         rows = [_block_classes_any(mask, layout.width) for mask in document_masks(pattern_, layout)]
     return torch.stack([full for full, _ in rows]), torch.stack([partial for _, partial in rows])
@@ -325,11 +399,11 @@ def document_block_classes(pattern_: Pattern, layout: Layout) -> tuple[torch.Ten
 def document_block_mask(pattern_: Pattern, layout: Layout, device: str) -> Any:
     """FlexAttention block mask of a packed or padded batch, one row of blocks per tensor row, from
     :func:`document_block_classes`: never a width × width temporary."""
-    ids = layout.document_ids(device)
+    ids, starts = layout.document_ids(device), document_starts(layout, device)
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         # document_masks' mask of row b, written without naming a function (compiled kernels trace it)
-        return pattern_.mask(q_idx, kv_idx) & same_document(ids[b])(q_idx, kv_idx)
+        return within_documents(pattern_, starts[b])(q_idx, kv_idx) & same_document(ids[b])(q_idx, kv_idx)
 
     return _block_mask(*document_block_classes(pattern_, layout), mask_mod, layout.width, device)
 
@@ -363,7 +437,16 @@ def xformers_bias(pattern_: Pattern) -> Any | None:
 def allowed_per_row(pattern_: Pattern, n: int) -> torch.Tensor:
     """Exact number of allowed keys for each query row (int64, length n), counted from the mask
     function: for a mask of i − j only, row i counts the offsets i − n + 1 … i, one prefix sum over
-    the 2n − 1 offsets; otherwise chunk by chunk of rows."""
+    the 2n − 1 offsets (with sinks: the rule's counts plus the sink keys beyond it, n × sinks pairs);
+    otherwise chunk by chunk of rows."""
+    if pattern_.rule is not None:
+        extra = torch.zeros(n, dtype=torch.int64)
+        keys = torch.arange(min(pattern_.sinks, n), dtype=torch.int32)[None, :]
+        for start in range(0, n, _rows_per_chunk(keys.numel())):
+            q_idx = torch.arange(start, min(n, start + _rows_per_chunk(keys.numel())), dtype=torch.int32)[:, None]
+            beyond = pattern_.mask(q_idx, keys) & ~pattern_.rule.mask(q_idx, keys)
+            extra[start:start + q_idx.shape[0]] = beyond.expand(q_idx.shape[0], keys.numel()).sum(-1)
+        return allowed_per_row(pattern_.rule, n) + extra
     if pattern_.relative:
         base = n - 1  # offsets δ = i − j ∈ [−(n − 1), n − 1] evaluated as query base + δ, key base
         allowed = pattern_.mask(torch.arange(2 * n - 1, dtype=torch.int32), torch.tensor(base, dtype=torch.int32))

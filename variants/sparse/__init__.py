@@ -1,4 +1,6 @@
-"""Sparse Transformer patterns — local window, atrous (dilated), strided (local ∪ atrous).
+"""Sparse Transformer patterns — local window, atrous (dilated), strided (local ∪ atrous) — and
+attention sinks: StreamingLLM's ``sinks`` (the first s keys ∪ a causal window, here) and gpt-oss's
+``sink-logit`` (a per-head logit in the denominator over a window, :mod:`.sink_logit`).
 
 Layout ``(batch, heads, seq, head_dim)``. Each pattern is one mask function (:mod:`variants.masks`),
 the definition the references, FLOPs and the mask-based impls derive from:
@@ -14,16 +16,17 @@ allow exactly the pairs of the mask.
 
 * ``blocked`` (local): blocks of w against their own block and their two neighbours;
 * ``reshape`` (atrous): the ``rate`` interleaved subsequences, each attended without mask;
-* ``merged`` (strided): the local parts plus the residue-class keys beyond the window.
+* ``merged`` (strided): the local parts plus the residue-class keys beyond the window; (sinks):
+  the local parts plus the sink keys beyond the window.
 
 Grouped-query heads and documents (:mod:`variants.layouts`). Every impl takes fewer K/V heads than
 query heads without repeating K and V: SDPA's and FlexAttention's ``enable_gqa``, xformers' 5-D
 form, and the parts run each group member's query heads against K and V as they are. A packed
-batch's mask is the pattern ∧ same document (:func:`masks.document_masks`), exactly the pattern
-within each document as every pattern depends on i − j only; the structured impls build their
-parts per document, shifted to where it starts. A padded batch masks the padding keys (dense,
-flex); causal, the parts need no mask there (padding keys come after every real query's keys),
-non-causal they cannot take one and refuse.
+batch's mask is the pattern, on positions within each document, ∧ same document
+(:func:`masks.document_masks`): exactly the pattern within each document, a document's sinks its own
+first tokens; the structured impls build their parts per document, shifted to where it starts. A
+padded batch masks the padding keys (dense, flex); causal, the parts need no mask there (padding
+keys come after every real query's keys), non-causal they cannot take one and refuse.
 """
 
 from __future__ import annotations
@@ -162,6 +165,26 @@ def strided_parts(n: int, window: int, rate: int, causal: bool) -> tuple[Part, .
     return tuple(parts)
 
 
+SINKS_CAUSAL_ONLY = ("StreamingLLM's sinks stand in for the evicted past of a causal stream; a non-causal "
+                     "pattern with sinks has no published definition")
+
+
+@functools.lru_cache(maxsize=256)
+def sink_parts(n: int, window: int, sinks: int, causal: bool) -> tuple[Part, ...]:
+    """(j < s ∨ i − j <= w) ∧ j <= i: the causal local parts plus the sink keys beyond the window,
+    j < min(s, i − w): rows w + 1 + a against keys c <= a (causal, while a < s − 1), then every row
+    from s + w against all s sinks (full). No key is counted twice."""
+    if not causal:
+        raise ValueError(SINKS_CAUSAL_ONLY)
+    parts = list(local_parts(n, window, True))
+    stair = min(sinks - 1, n - window - 1)
+    if stair > 0:
+        parts.append(Part(_span(window + 1, stair), _span(0, stair), "causal"))
+    if n > sinks + window:
+        parts.append(Part(_span(sinks + window, n - sinks - window), _span(0, sinks), "full"))
+    return tuple(parts)
+
+
 PartsOf = Callable[..., tuple[Part, ...]]  # (n, causal=, **params) -> the pattern's parts over n positions
 
 
@@ -174,7 +197,7 @@ def _shifted(part: Part, by: int) -> Part:
 def document_parts(parts_of: PartsOf, lengths: tuple[int, ...], causal: bool,
                    params: tuple[tuple[str, int], ...]) -> tuple[Part, ...]:
     """A packed row's parts: each document's own, shifted to where it starts, so no part crosses a
-    document boundary (pattern ∧ same document, as the pattern depends on i − j only)."""
+    document boundary: the pattern within each document, sinks included."""
     parts, start = [], 0
     for length in lengths:
         parts += (_shifted(part, start) for part in parts_of(length, causal=causal, **dict(params)))
@@ -257,13 +280,13 @@ def _structured(parts_of: PartsOf):
     return forward
 
 
-def _parts_kernel(parts_of: PartsOf, tiles: str):
-    """``kernel(point)``: what :func:`merged_attention` runs for the point's parts."""
+def _parts_kernel(parts_of: PartsOf, tiles: str, sink: bool = False):
+    """``kernel(point)``: what :func:`merged_attention` runs for the point's parts (with a sink logit)."""
     def kernel(point: Point) -> str:
         layout = layout_of(point)
         n = point.seq_len if layout is None else layout.width
         parts = layout_parts(parts_of, n, point.causal, dict(point.params), layout)
-        text = describe(parts, n, point.device, point.torch_dtype, point.head_dim, tiles)
+        text = describe(parts, n, point.device, point.torch_dtype, point.head_dim, tiles, sink)
         if layout is not None:
             text += (f", in {len(layout.lengths[0])} packed documents" if layout.kind == PACKED
                      else f", in {len(layout.lengths)} padded rows, no mask")
@@ -311,7 +334,9 @@ PATTERN_DEFAULTS = {
     "local": {"window": 256},
     "atrous": {"rate": 8},
     "strided": {"window": 128, "rate": 128},
+    "sinks": {"sinks": 4, "window": 256},
 }
+CAUSAL_ONLY = {"sinks": SINKS_CAUSAL_ONLY}  # pattern -> why it refuses non-causal
 
 @dataclass(frozen=True)
 class StructuredImpl:
@@ -332,23 +357,35 @@ STRUCTURED = {
     "strided": StructuredImpl("merged", strided_parts, "tiles",
                               "local parts ⊕ residue-class parts beyond the window, fused calls merged by "
                               "log-sum-exp"),
+    "sinks": StructuredImpl("merged", sink_parts, "tiles",
+                            "local parts ⊕ each row against the sink keys beyond its window (one causal, "
+                            "one full fused call), merged by log-sum-exp, O(n·(w + s)) memory"),
 }
 STRUCTURED_CAPS = Capabilities(layouts=ALL_LAYOUTS, gqa=True, probe=structured_refusal)
+DENSE_CAPS = Capabilities(layouts=ALL_LAYOUTS, gqa=True)
+
+
+def _causal_only(caps: Capabilities, sparsity: str) -> Capabilities:
+    if sparsity not in CAUSAL_ONLY:
+        return caps
+    return replace(caps, causal=frozenset({True}), causal_reason=CAUSAL_ONLY[sparsity])
+
 
 for _sparsity, _defaults in PATTERN_DEFAULTS.items():
     # One decode path per pattern: every impl of it computes the same function, so keeps the same cache.
     _common = dict(family="sparse", reference=_reference(_sparsity), flops=sparse_flops(_sparsity),
                    params=_defaults, decoder=_pattern_decoder(_sparsity, sdpa_attend, "sdpa"))
-    register(Entry(_sparsity, "dense", forward=_dense(_sparsity), caps=Capabilities(layouts=ALL_LAYOUTS, gqa=True),
+    register(Entry(_sparsity, "dense", forward=_dense(_sparsity), caps=_causal_only(DENSE_CAPS, _sparsity),
                    kernel_name=_mask_kernel("sdpa with dense bool mask", " of pattern ∧ same document",
                                             " of pattern ∧ real keys, one per row"),
                    summary="SDPA with the dense boolean mask, O(n²) memory", **_common))
-    register(Entry(_sparsity, "flex", forward=_flex(_sparsity), caps=FLEX_CAPS,
+    register(Entry(_sparsity, "flex", forward=_flex(_sparsity), caps=_causal_only(FLEX_CAPS, _sparsity),
                    kernel_name=_mask_kernel("flex_attention (torch.compile)", " with the document block mask",
                                             " with a block mask per padded row"),
                    summary="FlexAttention with the block mask", **_common))
     _impl = STRUCTURED[_sparsity]
-    register(Entry(_sparsity, _impl.impl, forward=_structured(_impl.parts_of), caps=STRUCTURED_CAPS,
+    register(Entry(_sparsity, _impl.impl, forward=_structured(_impl.parts_of),
+                   caps=_causal_only(STRUCTURED_CAPS, _sparsity),
                    kernel_name=_parts_kernel(_impl.parts_of, _impl.tiles), summary=_impl.summary, **_common))
 
 register(Entry(
@@ -360,3 +397,5 @@ register(Entry(
     decoder=_pattern_decoder("local", xformers_attend, "xformers memory_efficient_attention",
                              xformers_mask_of(_local_window_bias)),
     summary="xformers memory_efficient_attention with its local attention bias"))
+
+from . import sink_logit  # noqa: E402, F401  (builds on the helpers above)

@@ -345,8 +345,8 @@ def _backward_parts(kernel: Kernel, parts: tuple[Part, ...], states: list[Any], 
 
 class _Merged(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                parts: tuple[Part, ...]) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: tuple[Part, ...],
+                sink: torch.Tensor | None) -> torch.Tensor:
         q, k, v = (t.contiguous() for t in (q, k, v))
         group = _group(q, k)
         kernel = select_kernel(q.device, q.dtype, q.shape[-1])
@@ -354,13 +354,18 @@ class _Merged(torch.autograd.Function):
         how = plan(parts, q.shape[-2])
         out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=acc, device=q.device)
         lse = torch.empty((*q.shape[:-1], 1), dtype=acc, device=q.device)  # (…, 1): gathers as out
-        if how.zeroed:  # nothing there is the empty sum: output 0, lse −inf
+        first = how.first
+        if sink is not None:  # the sink: a term e^sink of every row's denominator, with value 0
+            out.zero_()
+            lse.copy_(sink.to(acc)[None, :, None, None].expand_as(lse))
+            first = (False,) * len(parts)  # every part merges into it
+        elif how.zeroed:  # nothing there is the empty sum: output 0, lse −inf
             out.zero_()
             lse.fill_(float("-inf"))
-        states = [_forward_parts(kernel, parts, how.first, q_m, k, v, out_m, lse_m)
+        states = [_forward_parts(kernel, parts, first, q_m, k, v, out_m, lse_m)
                   for q_m, out_m, lse_m in zip(*(members(t, group) for t in (q, out, lse)), strict=True)]
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sink)
         ctx.parts, ctx.kernel, ctx.states = parts, kernel, states
         return out
 
@@ -369,7 +374,8 @@ class _Merged(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # Ring attention's trick, exact: a part's backward needs only P = exp(S − lse) and
         # D = rowsum(dO ∘ O), so each part runs its kernel's backward with the *merged* lse and out.
-        q, k, v, out, lse = ctx.saved_tensors
+        # A sink is a key of value 0, so it changes neither: dS = P ∘ (dO·vᵀ − D) still holds.
+        q, k, v, out, lse, sink = ctx.saved_tensors
         dout = dout.contiguous()
         group = _group(q, k)
         acc = accumulation_dtype(q.dtype)
@@ -377,7 +383,13 @@ class _Merged(torch.autograd.Function):
         for states, *views in zip(ctx.states, *(members(t, group) for t in (dout, q, out, lse, dq)), strict=True):
             dout_m, q_m, out_m, lse_m, dq_m = views
             _backward_parts(ctx.kernel, ctx.parts, states, dout_m, q_m, k, v, out_m, lse_m, dq_m, dk, dv)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        dsink = None
+        if sink is not None and ctx.needs_input_grad[4]:
+            # d sink = Σ_rows p_sink · (0 − D): the sink's probability times its value's (0) excess over D
+            p_sink = torch.exp(sink.to(acc)[None, :, None] - lse[..., 0])
+            delta = (dout.to(acc) * out.to(acc)).sum(-1)
+            dsink = -(p_sink * delta).sum((0, 2)).to(sink.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, dsink
 
 
 def _disjoint_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -395,22 +407,26 @@ def _disjoint_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def merged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     parts: tuple[Part, ...]) -> torch.Tensor:
+def merged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: tuple[Part, ...],
+                     sink: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of ``q`` over the (query, key) pairs the ``parts`` allow, exactly; rows no
     part covers give 0. ``parts`` must not allow a pair twice. ``k``, ``v`` may have fewer heads than
-    ``q`` (grouped-query attention): each group member's query heads run against them as they are."""
+    ``q`` (grouped-query attention): each group member's query heads run against them as they are.
+    ``sink`` ``(heads,)``: a logit added to each row's softmax denominator (gpt-oss), the merge's
+    starting log-sum-exp; differentiable."""
     if k.shape[-2] != q.shape[-2]:
         raise ValueError(f"parts index one sequence: {q.shape[-2]} queries, {k.shape[-2]} keys")
-    if plan(parts, q.shape[-2]).disjoint:
+    if sink is None and plan(parts, q.shape[-2]).disjoint:
         return _disjoint_rows(q, k, v, parts)
-    return _Merged.apply(q, k, v, parts)
+    return _Merged.apply(q, k, v, parts, sink)
 
 
 def describe(parts: tuple[Part, ...], n: int, device: torch.device | str, dtype: torch.dtype,
-             head_dim: int, tiles: str = "tiles") -> str:
-    """What :func:`merged_attention` runs for these parts and inputs, for the results row."""
-    if plan(parts, n).disjoint:
+             head_dim: int, tiles: str = "tiles", sink: bool = False) -> str:
+    """What :func:`merged_attention` runs for these parts and inputs (with a sink or not), for the
+    results row."""
+    if plan(parts, n).disjoint and not sink:
         causal = ", is_causal" if any(p.causal for p in parts) else ""
         return f"sdpa (no mask{causal}) over {sum(p.rows.count for p in parts)} {tiles}"
-    return f"{select_kernel(device, dtype, head_dim).name} ×{len(parts)} parts, merged"
+    return f"{select_kernel(device, dtype, head_dim).name} ×{len(parts)} parts, merged" + \
+        (" from the sink logit" if sink else "")
