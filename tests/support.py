@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
+
+import torch
 
 import variants
 
@@ -43,3 +46,11 @@ def builtin_entries() -> list[variants.Entry]:
 def small_params(entry: variants.Entry) -> dict:
     table = SMALL_STRIDED if entry.variant == "strided" else SMALL
     return {k: table[k] for k in entry.params}
+
+
+def token_extras(entry: variants.Entry, q: torch.Tensor, k: torch.Tensor, tag: str = "") -> dict[str, torch.Tensor]:
+    """The entry's extra inputs (gates, β) for every token of ``q``, ``k`` ``(rows, heads, tokens, d)``,
+    drawn as the benchmark draws them (variants.inputs), seeded by the entry and ``tag``."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{entry.name}-{tag}-extras".encode()))
+    rows, heads, tokens, d = q.shape
+    return {x.name: x.draw(x.shape(rows, heads, k.shape[1], tokens, d), gen, "cpu", q.dtype) for x in entry.inputs}
