@@ -78,6 +78,11 @@ def variant_gqa(variant: GatedVariant) -> bool:
     return variant.name != "retention"
 
 
+def _refuse_grouped(point: Point) -> str | None:
+    """Retention's decode points: the registry lets every decoder group heads, this one cannot."""
+    return f"kv_heads={point.n_kv_heads} < heads={point.heads}: {RETENTION_GQA_REASON}" if point.grouped else None
+
+
 def retention_log_decay(heads: int, device: torch.device | str) -> torch.Tensor:
     """``log γ_h = log(1 − 2^(−5−h))`` per head, float64 (fla's ``chunk_retention``)."""
     return torch.log1p(-(2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float64, device=device))))
@@ -253,7 +258,8 @@ for _variant in VARIANTS:
         _variant.name, "chunked", "gated", _chunked(_variant), _recurrence(_variant), _flops(_variant),
         params={"chunk": 64},
         caps=Capabilities(causal=frozenset({True}), causal_reason=CAUSAL_REASON, layouts=frozenset(LAYOUTS),
-                          gqa=variant_gqa(_variant), gqa_reason=RETENTION_GQA_REASON),
+                          gqa=variant_gqa(_variant), gqa_reason=RETENTION_GQA_REASON,
+                          probe=None if variant_gqa(_variant) else _refuse_grouped),
         kernel_name=_kernel_name(_variant), summary=_variant.summary, decoder=gated_decoder(_variant),
         inputs=_variant.inputs))
 
