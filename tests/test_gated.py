@@ -4,7 +4,9 @@ documents; decode steps against the entry's own forward; FLOPs, state bytes and 
 
 from __future__ import annotations
 
+import importlib.util
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from support import token_extras, why_not
 
 import variants
 from variants import gated, layouts
+from variants.gated import fla as gated_fla
 from variants.layouts import PACKED, PADDED, Documents, Layout
 from variants.registry import DEFAULT_TOLERANCE
 
@@ -152,3 +155,59 @@ def test_flops_count_the_chunks_inside_documents(name):
     packed = variants.Point(batch=1, heads=4, seq_len=128, head_dim=64, causal=True, params=entry.resolve(),
                             layout=PACKED, documents=Documents("equal", 4))
     assert entry.flops(packed) == 4 * 4 * gated.chunk_work(rule, 64, 64, 64)  # four 32-token documents
+
+
+# --- fla's chunk kernels, interpreted on CPU (tests/conftest.py) -----------------------------------
+
+@pytest.fixture
+def fla_kernels(triton_interpreter):
+    """The fla entries run fla's real chunk kernels on CPU tensors, interpreted (tests/conftest.py)."""
+    if importlib.util.find_spec("fla") is None:
+        pytest.skip("fla not installed (pip install 'attnbench[fla]')")
+
+
+def fla_dtype(name: str) -> torch.dtype:
+    """float32 where the kernel takes it, else float16 (Triton's interpreter has no bfloat16 arithmetic)."""
+    return torch.float16 if name.split("/")[0] in gated_fla.FLOAT32_REFUSED else torch.float32
+
+
+def fla_tolerance(entry: variants.Entry, dtype: torch.dtype) -> float:
+    return entry.tolerance["float16" if dtype == torch.float16 else "float32"]
+
+
+FLA = [f"{name}/fla" for name in NAMES]
+
+
+@pytest.mark.parametrize("name", FLA)
+def test_fla_kernel_matches_the_recurrence(fla_kernels, name):
+    """Outputs and q, k, v, gate and β gradients of fla's chunk kernel (~2 s a case interpreted)."""
+    entry, dtype = variants.get(name), fla_dtype(name)
+    q, k, v, upstream = seeded(f"{name}-50", *[(1, 2, 50, 16)] * 4)
+    assert_within(errors(entry, q, k, v, upstream, dtype), fla_tolerance(entry, dtype))
+
+
+@pytest.mark.parametrize("kind", [PACKED, PADDED])
+@pytest.mark.parametrize("name", FLA)
+def test_fla_kernel_grouped_heads_and_documents(fla_kernels, name, kind):
+    """2 query heads on 1 KV head (retention: 2), documents on and next to fla's chunk edge (64) and of
+    length 1, packed (cu_seqlens) or padded (~2–8 s a case interpreted)."""
+    lengths = (1, 64, 65)
+    layout = Layout(PACKED, (lengths,)) if kind == PACKED else Layout(PADDED, tuple((m,) for m in lengths))
+    entry, dtype = variants.get(name), fla_dtype(name)
+    kv = 1 if entry.caps.gqa else 2
+    rows, width = len(layout.lengths), layout.width
+    q, k, v, upstream = seeded(f"{name}-{kind}", (rows, 2, width, 16), *[(rows, kv, width, 16)] * 2,
+                               (rows, 2, width, 16))
+    assert_within(errors(entry, q, k, v, upstream, dtype, layout), fla_tolerance(entry, dtype))
+
+
+def test_fla_entries_name_their_op_and_give_reasons_here():
+    for name in FLA:
+        entry = variants.get(name)
+        point = variants.Point(heads=4, kv_heads=2 if entry.caps.gqa else None, causal=True, layout=PACKED,
+                               documents=Documents(), device="cuda")
+        assert entry.kernel_name(point).startswith(gated_fla.OPS[entry.variant] + " varlen (cu_seqlens)")
+        assert entry.kernel_name(point).endswith("repeated to the query heads") == entry.caps.gqa
+        assert why_not(entry, variants.Point(causal=True)).startswith("device=cpu not supported")
+        chunked = variants.get(f"{entry.variant}/chunked")
+        assert entry.flops(point) == chunked.flops(replace(point, params=chunked.resolve())) > 0
