@@ -93,7 +93,7 @@ def log_decays(variant: GatedVariant, k: torch.Tensor, g: torch.Tensor | None) -
     and key channel, else the given ``g`` (None for DeltaNet)."""
     if variant.name != "retention":
         return g
-    return retention_log_decay(k.shape[1], k.device).to(k.dtype)[:, None, None].expand(k.shape[1:]).expand(k.shape)
+    return retention_log_decay(k.shape[1], k.device).to(k.dtype)[:, None, None].expand(k.shape)
 
 
 def _recurrence(variant: GatedVariant) -> Callable[..., torch.Tensor]:
