@@ -30,7 +30,7 @@ def seeded(tag: str, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
 
 
 def errors(entry: variants.Entry, q, k, v, upstream, dtype: torch.dtype, layout: Layout | None = None,
-           **params) -> dict[str, float]:
+           backward: bool = True, **params) -> dict[str, float]:
     """Relative errors of the entry's output and of its q, k, v and extra-input gradients in ``dtype``,
     on the real tokens, against the float64 reference of each document alone (K, V and extras
     repeated to the query heads)."""
@@ -43,9 +43,12 @@ def errors(entry: variants.Entry, q, k, v, upstream, dtype: torch.dtype, layout:
                                            **entry.resolve(params))
     expected_grads = torch.autograd.grad(expected, leaves64, upstream)
     given = [t.to(dtype) for t in (q, k, v)] + [x.to(torch.promote_types(dtype, torch.float32)) for x in extras.values()]
-    leaves = [t.requires_grad_() for t in given]
+    leaves = [t.requires_grad_(backward) for t in given]
     out = entry(*leaves[:3], causal=True, layout=layout, **dict(zip(extras, leaves[3:], strict=True)), **params)
     assert out.dtype == dtype and out.shape == q.shape
+    if not backward:
+        return {"out": variants.relative_error((layout.real(out) if layout else out).double(),
+                                               layout.real(expected) if layout else expected)}
     got = torch.autograd.grad(out, leaves, upstream.to(dtype))
     real = layout.real if layout is not None else (lambda x: x)
     names = ["out", "dq", "dk", "dv", *(f"d{name}" for name in extras)]
@@ -168,37 +171,49 @@ def fla_kernels(triton_interpreter):
 
 def fla_dtype(name: str) -> torch.dtype:
     """float32 where the kernel takes it, else float16 (Triton's interpreter has no bfloat16 arithmetic)."""
-    return torch.float16 if name.split("/")[0] in gated_fla.FLOAT32_REFUSED else torch.float32
+    variant, impl = name.split("/")
+    return torch.float16 if (impl, variant) in gated_fla.FLOAT32_REFUSED else torch.float32
 
 
 def fla_tolerance(entry: variants.Entry, dtype: torch.dtype) -> float:
     return entry.tolerance["float16" if dtype == torch.float16 else "float32"]
 
 
-FLA = [f"{name}/fla" for name in NAMES]
+def fla_errors(name: str, q, k, v, upstream, layout: Layout | None = None) -> dict[str, float]:
+    """The fla entry's errors in the dtype its kernel takes; gradients where the op has a backward."""
+    variant, impl = name.split("/")
+    return errors(variants.get(name), q, k, v, upstream, fla_dtype(name), layout,
+                  backward=(impl, variant) not in gated_fla.NO_BACKWARD)
+
+
+FLA = [f"{name}/{impl}" for impl in (gated_fla.CHUNK, gated_fla.RECURRENT) for name in NAMES]
 
 
 @pytest.mark.parametrize("name", FLA)
 def test_fla_kernel_matches_the_recurrence(fla_kernels, name):
     """Outputs and q, k, v, gate and β gradients of fla's chunk kernel (~2 s a case interpreted)."""
-    entry, dtype = variants.get(name), fla_dtype(name)
     q, k, v, upstream = seeded(f"{name}-50", *[(1, 2, 50, 16)] * 4)
-    assert_within(errors(entry, q, k, v, upstream, dtype), fla_tolerance(entry, dtype))
+    assert_within(fla_errors(name, q, k, v, upstream), fla_tolerance(variants.get(name), fla_dtype(name)))
 
 
-@pytest.mark.parametrize("kind", [PACKED, PADDED])
-@pytest.mark.parametrize("name", FLA)
+# Padded rows reach a kernel as plain rows: run for the chunk ops, not again for the recurrent ones
+# (the interpreter takes 5–10 s a case here).
+FLA_DOCUMENTS = [pytest.param(name, kind, id=f"{name}-{kind}") for name in FLA for kind in (PACKED, PADDED)
+                 if kind == PACKED or name.endswith(f"/{gated_fla.CHUNK}")]
+
+
+@pytest.mark.parametrize("name, kind", FLA_DOCUMENTS)
 def test_fla_kernel_grouped_heads_and_documents(fla_kernels, name, kind):
     """2 query heads on 1 KV head (retention: 2), documents on and next to fla's chunk edge (64) and of
     length 1, packed (cu_seqlens) or padded (~2–8 s a case interpreted)."""
     lengths = (1, 64, 65)
     layout = Layout(PACKED, (lengths,)) if kind == PACKED else Layout(PADDED, tuple((m,) for m in lengths))
-    entry, dtype = variants.get(name), fla_dtype(name)
+    entry = variants.get(name)
     kv = 1 if entry.caps.gqa else 2
     rows, width = len(layout.lengths), layout.width
     q, k, v, upstream = seeded(f"{name}-{kind}", (rows, 2, width, 16), *[(rows, kv, width, 16)] * 2,
                                (rows, 2, width, 16))
-    assert_within(errors(entry, q, k, v, upstream, dtype, layout), fla_tolerance(entry, dtype))
+    assert_within(fla_errors(name, q, k, v, upstream, layout), fla_tolerance(entry, fla_dtype(name)))
 
 
 def test_fla_entries_name_their_op_and_give_reasons_here():
@@ -206,8 +221,12 @@ def test_fla_entries_name_their_op_and_give_reasons_here():
         entry = variants.get(name)
         point = variants.Point(heads=4, kv_heads=2 if entry.caps.gqa else None, causal=True, layout=PACKED,
                                documents=Documents(), device="cuda")
-        assert entry.kernel_name(point).startswith(gated_fla.OPS[entry.variant] + " varlen (cu_seqlens)")
+        op = gated_fla.OPS[entry.impl, entry.variant]
+        assert entry.kernel_name(point).startswith(op + " varlen (cu_seqlens)")
         assert entry.kernel_name(point).endswith("repeated to the query heads") == entry.caps.gqa
         assert why_not(entry, variants.Point(causal=True)).startswith("device=cpu not supported")
         chunked = variants.get(f"{entry.variant}/chunked")
-        assert entry.flops(point) == chunked.flops(replace(point, params=chunked.resolve())) > 0
+        if entry.impl == gated_fla.CHUNK:
+            assert entry.flops(point) == chunked.flops(replace(point, params=chunked.resolve())) > 0
+        else:  # token by token: less than the chunked forms' work, more than reading the state
+            assert 0 < entry.flops(point) < chunked.flops(replace(point, params=chunked.resolve()))

@@ -145,6 +145,12 @@ def chunk_work(rule: str, chunk: int, k_dim: int, v_dim: int) -> float:
     return 4.0 * c * c * kd + c * c * (kd + vd) + 2.0 * c * c * vd + 6.0 * c * kd * vd
 
 
+def token_work(rule: str, k_dim: int, v_dim: int) -> float:
+    """FLOPs of one token of one head by the recurrence: the state update (decay 3·K·V: decay, outer
+    product, add; the delta rule also kᵀS and the correction: 5·K·V) and its read (2·K·V)."""
+    return (3.0 if rule == DECAY else 5.0) * k_dim * v_dim + 2.0 * k_dim * v_dim
+
+
 def work_per_sequence(rule: str, chunk: int, head_dim: int) -> Callable[[int], float]:
     """One head's work on a sequence of n tokens, padded to whole chunks."""
     return lambda n: ceil_div(n, chunk) * chunk_work(rule, chunk, head_dim, head_dim)
@@ -229,11 +235,11 @@ def gated_decoder(variant: GatedVariant) -> Decoder:
         return 2 * _state_bytes(variant, point) + tokens + gates
 
     def flops(point: Point) -> float:
-        # per token: the state update per state head (decay 3·K·V; delta also kᵀS: 5·K·V), its read
-        # per query head (2·K·V)
-        kv = point.head_dim ** 2
-        update = 3.0 * kv if variant.rule == DECAY else 5.0 * kv
-        return point.batch * point.q_len * (point.n_kv_heads * update + point.heads * 2.0 * kv)
+        # per token the recurrence's work (token_work): the update per KV head, the read per query head
+        d = point.head_dim
+        read = 2.0 * d * d
+        update = token_work(variant.rule, d, d) - read
+        return point.batch * point.q_len * (point.n_kv_heads * update + point.heads * read)
 
     return Decoder(prefill, step, lambda point: _state_bytes(variant, point), bytes_moved, flops,
                    f"eager {variant.rule}_step per token",
