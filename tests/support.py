@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
-import pytest
+import torch
 
 import variants
 
@@ -49,26 +50,17 @@ def small_params(entry: variants.Entry) -> dict:
     return {k: table[k] for k in entry.params}
 
 
-# Presets that name issue 21's variants (gated linear attention, sinks, Based), which the branches
-# adding them register: until those are merged, such a preset is an expected failure, not a broken one.
-ISSUE_21_VARIANTS = ("retention", "gla", "deltanet", "gated-deltanet", "sinks", "sink-logit", "based")
-AWAITING_VARIANTS = {"frontier": ISSUE_21_VARIANTS, "recall": ISSUE_21_VARIANTS}
-
-
-def xfail_until_registered(preset: str) -> None:
-    """Mark the running test an expected failure while ``preset`` names variants not registered yet."""
-    missing = sorted(set(AWAITING_VARIANTS.get(preset, ())) - set(variants.variant_names()))
-    if missing:
-        pytest.xfail(f"preset {preset} names variants not registered in this branch: {', '.join(missing)}")
-
-
 def extra_inputs(entry: variants.Entry, tag: str, rows: int, heads: int, kv_heads: int, tokens: int,
-                 head_dim: int) -> dict:
-    """The entry's declared extra inputs (gates, β, sink logits), seeded by ``tag``, in float64."""
-    import zlib
-
-    import torch
-
+                 head_dim: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """The entry's declared extra inputs (gates, β, sink logits) of a batch of that shape, drawn as the
+    benchmark draws them (variants.inputs), seeded by ``tag``."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{tag}-extras".encode()))
-    return {x.name: x.draw(x.shape(rows, heads, kv_heads, tokens, head_dim), gen, "cpu", torch.float64)
+    return {x.name: x.draw(x.shape(rows, heads, kv_heads, tokens, head_dim), gen, "cpu", dtype)
             for x in entry.inputs}
+
+
+def token_extras(entry: variants.Entry, q: torch.Tensor, k: torch.Tensor, tag: str = "") -> dict[str, torch.Tensor]:
+    """The entry's extra inputs for every token of ``q``, ``k`` ``(rows, heads, tokens, d)``, seeded by
+    the entry and ``tag``."""
+    rows, heads, tokens, d = q.shape
+    return extra_inputs(entry, f"{entry.name}-{tag}", rows, heads, k.shape[1], tokens, d, q.dtype)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from support import extra_inputs, why_not
+from support import token_extras, why_not
 
 import variants
 from bench import plan, spec
@@ -20,6 +20,7 @@ from bench.report import render
 from bench.store import COLUMNS
 from variants import masks
 from variants.decode import kv_plan
+from variants.inputs import sliced
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
 
@@ -54,10 +55,12 @@ def tokens(tag: str, n: int, dtype: torch.dtype = torch.float64) -> list[torch.T
 def test_float32_step_is_within_the_entry_tolerance(entry):
     params = entry.resolve(small_params(entry))
     q, k, v = tokens(entry.name, 200 + 1, torch.float32)
-    extras = extra_inputs(entry, entry.name, B, H, H, 200 + 1, D)  # per-head ones (a sink logit) only here
-    cache = entry.decoder.prefill(k[:, :, :200], v[:, :, :200], q_len=1, **extras, **params)
-    out = entry.decoder.step(q[:, :, 200:], k[:, :, 200:], v[:, :, 200:], cache, **extras, **params)
-    expected = entry.reference(*(t.double() for t in (q, k, v)), causal=True, **extras, **params)[:, :, 200:]
+    extras = token_extras(entry, q, k)
+    prefix, new = (slice(None), slice(None), slice(None, 200)), (slice(None), slice(None), slice(200, None))
+    cache = entry.decoder.prefill(k[prefix], v[prefix], q_len=1, **sliced(extras, prefix), **params)
+    out = entry.decoder.step(q[new], k[new], v[new], cache, **sliced(extras, new), **params)
+    expected = entry.reference(*(t.double() for t in (q, k, v)), causal=True,
+                               **{name: x.double() for name, x in extras.items()}, **params)[:, :, 200:]
     assert variants.relative_error(out, expected) <= entry.tolerance["float32"]
 
 

@@ -10,11 +10,12 @@ import zlib
 
 import pytest
 import torch
-from support import extra_inputs, small_params, why_not
+from support import small_params, token_extras, why_not
 
 import variants
 from variants import layouts, masks
 from variants.decode import KVCache, RaggedCache, additive_bias, kv_plan
+from variants.inputs import sliced
 from variants.layouts import DENSE, PACKED, PADDED, Documents, Layout
 from variants.reference import softmax_attention
 
@@ -61,32 +62,39 @@ def sequence(tokens: tuple[torch.Tensor, ...], i: int, n: int, q_len: int) -> li
     return [t[i:i + 1].index_select(2, keep) for t in tokens]
 
 
-def extras(entry: variants.Entry) -> dict[str, torch.Tensor]:
-    """The entry's per-head extra inputs (a sink logit), the same for every sequence and token."""
-    return extra_inputs(entry, entry.name, 1, H, H, 1, D)
+def sequence_extras(entry: variants.Entry, tokens: tuple[torch.Tensor, ...], i: int, n: int,
+                    q_len: int) -> dict[str, torch.Tensor]:
+    """The entry's extra inputs of sequence i alone (as :func:`sequence`), per-token ones selected."""
+    extras = token_extras(entry, tokens[0], tokens[1])
+    return dict(zip(extras, sequence(tuple(extras.values()), i, n, q_len), strict=True)) if extras else {}
 
 
-def own_forward(entry: variants.Entry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def own_forward(entry: variants.Entry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **extras) -> torch.Tensor:
     """The entry's own causal forward; K and V repeated to the query heads for a forward without
     grouped heads (decoding groups whatever the forward does)."""
     if not entry.caps.gqa:
         k, v = layouts.repeat_kv(k, q.shape[1]), layouts.repeat_kv(v, q.shape[1])
-    return entry(q, k, v, causal=True, **extras(entry), **small_params(entry))
+    return entry(q, k, v, causal=True, **extras, **small_params(entry))
 
 
 def step(entry: variants.Entry, tokens: tuple[torch.Tensor, ...], layout: Layout | None, q_len: int):
+    """The decoder's step after its prefill, with the entry's extra inputs (prefix ones to the prefill,
+    the new tokens' to the step, as bench.measure passes them); the new tokens and their extras."""
     q, k, v = tokens
     width = q.shape[2] - q_len
     params = entry.resolve(small_params(entry))
     extra = {"layout": layout} if layout is not None else {}
-    cache = entry.decoder.prefill(k[:, :, :width], v[:, :, :width], q_len=q_len, **extra, **extras(entry), **params)
+    extras = token_extras(entry, q, k)
+    cache = entry.decoder.prefill(k[:, :, :width], v[:, :, :width], q_len=q_len, **extra,
+                                  **sliced(extras, (slice(None), slice(None), slice(None, width))), **params)
     new = [t[:, :, width:].contiguous() for t in tokens]
-    return entry.decoder.step(*new, cache, **extras(entry), **params), cache, new
+    new_extras = sliced(extras, (slice(None), slice(None), slice(width, None)))
+    return entry.decoder.step(*new, cache, **new_extras, **params), cache, (new, new_extras)
 
 
 CASES = [pytest.param(e, kv, kind, q_len, id=f"{e.name}-{kind}-kv{kv or H}-q{q_len}")
          for e in decoding_entries() for kv in (None, 2, 1) for kind in (DENSE, PACKED, PADDED)
-         for q_len in (1, 2, 3)]
+         for q_len in (1, 2, 3) if kv is None or e.caps.gqa]
 
 
 @pytest.mark.parametrize("entry, kv_heads, kind, q_len", CASES)
@@ -96,24 +104,26 @@ def test_step_equals_the_entry_forward_and_reference_on_every_sequence(entry, kv
     assert out.shape == (len(lengths), H, q_len, D) and out.dtype == torch.float64
     params = entry.resolve(small_params(entry))
     for i, n in enumerate(lengths):
-        seq = sequence(tokens, i, n, q_len)
-        full = own_forward(entry, *seq)[:, :, -q_len:]
-        reference = layouts.reference_attention(entry.reference, *seq, causal=True, extras=extras(entry),
+        seq, extras = sequence(tokens, i, n, q_len), sequence_extras(entry, tokens, i, n, q_len)
+        full = own_forward(entry, *seq, **extras)[:, :, -q_len:]
+        reference = layouts.reference_attention(entry.reference, *seq, causal=True, extras=extras,
                                                 **params)[:, :, -q_len:]
         assert variants.relative_error(out[i:i + 1], full) <= 1e-12, f"sequence {i} (n={n}) vs the forward"
         assert variants.relative_error(out[i:i + 1], reference) <= 1e-10, f"sequence {i} (n={n}) vs the reference"
     # A step leaves the cache as it found it: the same step again gives the same output.
-    assert torch.equal(entry.decoder.step(*new, cache, **extras(entry), **params), out)
+    new_tokens, new_extras = new
+    assert torch.equal(entry.decoder.step(*new_tokens, cache, **new_extras, **params), out)
 
 
 @pytest.mark.parametrize("entry", decoding_entries(), ids=lambda e: e.name)
 def test_float32_grouped_ragged_step_is_within_the_entry_tolerance(entry):
-    tokens, lengths, layout = batch(entry.name, PACKED, 1, 2, torch.float32)
+    tokens, lengths, layout = batch(entry.name, PACKED, 1 if entry.caps.gqa else None, 2, torch.float32)
     out, _, _ = step(entry, tokens, layout, 2)
     params = entry.resolve(small_params(entry))
     for i, n in enumerate(lengths):
         seq = [t.double() for t in sequence(tokens, i, n, 2)]
-        expected = layouts.reference_attention(entry.reference, *seq, causal=True, extras=extras(entry),
+        extras = {name: x.double() for name, x in sequence_extras(entry, tokens, i, n, 2).items()}
+        expected = layouts.reference_attention(entry.reference, *seq, causal=True, extras=extras,
                                                **params)[:, :, -2:]
         assert variants.relative_error(out[i:i + 1], expected) <= entry.tolerance["float32"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from support import bench, faulty_env, xfail_until_registered
+from support import bench, faulty_env
 from typer.testing import CliRunner
 
 import variants
@@ -183,7 +183,6 @@ def test_every_preset_loads_expands_and_is_named_in_the_help(name):
     help_text = " ".join(CliRunner().invoke(app, ["run", "sweep", "--help"]).output.split())
     help_text = re.sub(r"-\s+", "-", help_text)  # a name the help wraps at its hyphen
     assert name in help_text
-    xfail_until_registered(name)
     loaded = spec.load(name)
     if loaded.device == "cuda":  # no CUDA here: the grid is checked on the CPU instead
         loaded = spec.override(loaded, device="cpu")

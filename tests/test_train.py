@@ -7,7 +7,6 @@ import re
 import pandas as pd
 import pytest
 import torch
-from support import xfail_until_registered
 from typer.testing import CliRunner
 
 import variants
@@ -238,7 +237,6 @@ model = { layers = 3 }
 def test_every_train_preset_validates_and_is_named_in_the_help(name):
     help_text = re.sub(r"-\s+", "-", " ".join(CliRunner().invoke(app, ["run", "train", "--help"]).output.split()))
     assert name in help_text
-    xfail_until_registered(name)
     loaded = train.override(train.load(name, None), device="cpu")  # no CUDA here: the grid is checked on the CPU
     assert train.expand(train.validate(loaded), "cpu")
 

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 import torch
-from support import builtin_entries, extra_inputs, small_params, why_not
+from support import builtin_entries, small_params, token_extras, why_not
 
 import variants
 from variants import Point, linear
@@ -94,7 +94,7 @@ def test_entry_matches_its_float64_reference(entry, n, which, dtype, causal):
     backward = why_not(entry, point(entry, n=n, dtype=dtype, causal=causal, mode="fwd_bwd",
                                        params=params)) is None
     q, k, v, upstream = inputs(f"{entry.name}-{n}-{which}-{causal}", n)
-    extras = extra_inputs(entry, entry.name, B, H, H, n, D)
+    extras = token_extras(entry, q, k)  # gates, β: float64 here, at least float32 to the entry
 
     # Reference: float64, from float64 copies of the inputs, through the declared signature.
     expected, expected_grads = grads(entry.reference, (q, k, v), upstream, causal=causal, **extras,
@@ -103,7 +103,8 @@ def test_entry_matches_its_float64_reference(entry, n, which, dtype, causal):
 
     torch_dtype = variants.DTYPES[dtype]
     leaves = [t.to(torch_dtype).requires_grad_(backward) for t in (q, k, v)]
-    out = entry(*leaves, causal=causal, **extras, **params)
+    given = {name: x.to(torch.promote_types(torch_dtype, torch.float32)) for name, x in extras.items()}
+    out = entry(*leaves, causal=causal, **given, **params)
     assert out.dtype == torch_dtype and out.shape == q.shape
     tol = entry.tolerance[dtype]
     err = variants.relative_error(out, expected)
@@ -396,7 +397,8 @@ def test_select_returns_all_impls_of_a_variant():
 def test_names_are_unique_and_families_valid():
     names = [e.name for e in variants.entries()]
     assert len(names) == len(set(names))
-    assert {e.family for e in builtin_entries()} <= {"standard", "sparse", "linear", "hybrid", "lowrank", "baseline"}
+    assert {e.family for e in builtin_entries()} <= {"standard", "sparse", "linear", "gated", "hybrid", "lowrank",
+                                                          "baseline"}
 
 
 @pytest.mark.parametrize("call, bad, valid", [

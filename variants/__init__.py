@@ -18,6 +18,8 @@ from . import sparse  # noqa: F401
 from . import linear  # noqa: F401
 from .linear import fla as _linear_fla  # noqa: F401
 from . import lowrank  # noqa: F401
+from . import gated  # noqa: F401
+from .gated import fla as _gated_fla  # noqa: F401
 from . import hybrid  # noqa: F401
 import importlib as _importlib
 import os as _os

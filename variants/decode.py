@@ -28,7 +28,7 @@ Two kinds of cache:
   and attends the new queries to the keys their mask allows, read as a view where those are evenly
   spaced (a window, a residue class) and gathered otherwise. Everything is derived from the
   pattern's one mask function (:func:`kv_plan`);
-* linear entries keep a fixed-size state per sequence (``variants.linear``).
+* linear and gated entries keep a fixed-size state per sequence (``variants.linear``, ``variants.gated``).
 
 ``cache_bytes`` and ``bytes_moved`` are analytic: what the cache holds for the prefixes, and the
 bytes one step must read and write (cache or state read, new keys/values or new state written,

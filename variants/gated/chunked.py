@@ -55,12 +55,14 @@ def decay_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
 
 
 def delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                  g: torch.Tensor | None, chunk: int) -> torch.Tensor:
+                  g: torch.Tensor | None, chunk: int, with_state: bool = False
+                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The (gated) delta rule by the WY representation. Within a chunk the corrections ``u_j`` (what
     each token writes, ``β_j`` times what the state misses of ``v_j``) solve ``(I + L) u = β ⊙ (v − a ⊙ K S)``,
     ``L_jl = β_j exp(Γ_j − Γ_l) k_jᵀk_l`` for l < j, ``a_j = exp(Γ_j)``, S the state carried in: one
     unit-lower-triangular solve, split into its part from the chunk (all chunks at once, ``u_v``) and
-    its part from S (linear in it, ``W S``), so that only ``u = u_v − W S`` waits for the state."""
+    its part from S (linear in it, ``W S``), so that only ``u = u_v − W S`` waits for the state.
+    ``with_state``: also the state after the last token (a decoder's prefill; padding changes none)."""
     n = q.shape[2]
     g = beta.new_zeros(beta.shape) if g is None else g
     q, k = scaled(F.normalize(q, dim=-1)), F.normalize(k, dim=-1)
@@ -81,4 +83,5 @@ def delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
         last = gamma[:, :, c, -1]  # (b, h)
         keys = k[:, :, c] * (last[..., None] - gamma[:, :, c]).exp()[..., None]
         state = last.exp()[..., None, None] * state + keys.transpose(-2, -1) @ u
-    return torch.stack(out, dim=2).flatten(2, 3)[:, :, :n]
+    out = torch.stack(out, dim=2).flatten(2, 3)[:, :, :n]
+    return (out, state) if with_state else out
