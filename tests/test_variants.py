@@ -157,7 +157,7 @@ def test_eager_flex_forward_on_cpu_matches_reference(entry, n, causal):
     if causal not in entry.caps.causal:
         pytest.skip(entry.caps.causal_reason)
     q, k, v, _ = inputs(f"flex-{entry.name}-{n}-{causal}", n)
-    extras = extra_inputs(entry, entry.name, B, H, H, n, D)
+    extras = token_extras(entry, q, k)
     expected = entry.reference(q, k, v, causal=causal, **extras, **entry.resolve(params))
     for dtype in DTYPES:
         out = entry(*(t.to(variants.DTYPES[dtype]) for t in (q, k, v)), causal=causal, **extras, **params)
