@@ -15,7 +15,7 @@ from support import small_params, token_extras, why_not
 import variants
 from variants import layouts, masks
 from variants.decode import KVCache, RaggedCache, additive_bias, kv_plan
-from variants.inputs import sliced
+from variants.inputs import is_per_token, sliced
 from variants.layouts import DENSE, PACKED, PADDED, Documents, Layout
 from variants.reference import softmax_attention
 
@@ -66,7 +66,7 @@ def sequence_extras(entry: variants.Entry, tokens: tuple[torch.Tensor, ...], i: 
                     q_len: int) -> dict[str, torch.Tensor]:
     """The entry's extra inputs of sequence i alone (as :func:`sequence`), per-token ones selected."""
     extras = token_extras(entry, tokens[0], tokens[1])
-    return dict(zip(extras, sequence(tuple(extras.values()), i, n, q_len), strict=True)) if extras else {}
+    return {name: sequence((x,), i, n, q_len)[0] if is_per_token(x) else x for name, x in extras.items()}
 
 
 def own_forward(entry: variants.Entry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **extras) -> torch.Tensor:
