@@ -21,7 +21,7 @@ from variants.registry import DEFAULT_TOLERANCE
 D = 8
 NAMES = [v.name for v in gated.VARIANTS]
 CHUNKED = [f"{name}/chunked" for name in NAMES]
-GROUPING = [f"{v.name}/chunked" for v in gated.VARIANTS if gated.variant_gqa(v)]
+GROUPING = [f"{v.name}/chunked" for v in gated.VARIANTS if v.gqa]
 
 
 def seeded(tag: str, *shapes: tuple[int, ...]) -> list[torch.Tensor]:

@@ -59,10 +59,23 @@ class GatedVariant:
     rule: str  # DECAY or DELTA
     inputs: tuple[ExtraInput, ...]
     summary: str
+    # A fixed log-decay per head (heads, device) -> (heads,) in float64 in place of a gate input; a
+    # function of the head index, so the heads of a query group cannot share one state (no GQA).
+    fixed_log_decay: Callable[[int, torch.device | str], torch.Tensor] | None = None
+
+    @property
+    def gqa(self) -> bool:
+        return self.fixed_log_decay is None
+
+
+def retention_log_decay(heads: int, device: torch.device | str) -> torch.Tensor:
+    """``log γ_h = log(1 − 2^(−5−h))`` per head, float64 (fla's ``chunk_retention``)."""
+    return torch.log1p(-(2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float64, device=device))))
 
 
 VARIANTS = [
-    GatedVariant("retention", DECAY, (), "RetNet retention: fixed decay γ_h = 1 − 2^(−5−h) per head"),
+    GatedVariant("retention", DECAY, (), "RetNet retention: fixed decay γ_h = 1 − 2^(−5−h) per head",
+                 fixed_log_decay=retention_log_decay),
     GatedVariant("gla", DECAY, (G_CHANNELS,), "gated linear attention: data-dependent decay per key channel"),
     GatedVariant("deltanet", DELTA, (BETA,), "DeltaNet: delta rule, β per token, L2-normalised q and k"),
     GatedVariant("gated-deltanet", DELTA, (G_SCALAR, BETA), "Gated DeltaNet: delta rule decayed by exp g per token"),
@@ -73,27 +86,17 @@ RETENTION_GQA_REASON = ("retention's decay γ_h follows the query head, so a KV 
                         "need a state per head, not one shared: RetNet is multi-head")
 
 
-def variant_gqa(variant: GatedVariant) -> bool:
-    """Grouped heads for every variant but retention (module docstring)."""
-    return variant.name != "retention"
-
-
 def _refuse_grouped(point: Point) -> str | None:
     """Retention's decode points: the registry lets every decoder group heads, this one cannot."""
     return f"kv_heads={point.n_kv_heads} < heads={point.heads}: {RETENTION_GQA_REASON}" if point.grouped else None
 
 
-def retention_log_decay(heads: int, device: torch.device | str) -> torch.Tensor:
-    """``log γ_h = log(1 − 2^(−5−h))`` per head, float64 (fla's ``chunk_retention``)."""
-    return torch.log1p(-(2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float64, device=device))))
-
-
 def log_decays(variant: GatedVariant, k: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor | None:
-    """The log-decays the recurrence takes for keys ``k`` ``(b, h, n, K)``: retention's constant per head
-    and key channel, else the given ``g`` (None for DeltaNet)."""
-    if variant.name != "retention":
+    """The log-decays the recurrence takes for keys ``k`` ``(b, h, n, K)``: a fixed decay's constant per
+    head and key channel, else the given ``g`` (None for DeltaNet)."""
+    if variant.fixed_log_decay is None:
         return g
-    return retention_log_decay(k.shape[1], k.device).to(k.dtype)[:, None, None].expand(k.shape)
+    return variant.fixed_log_decay(k.shape[1], k.device).to(k.dtype)[:, None, None].expand(k.shape)
 
 
 def _recurrence(variant: GatedVariant) -> Callable[..., torch.Tensor]:
@@ -264,8 +267,8 @@ for _variant in VARIANTS:
         _variant.name, "chunked", "gated", _chunked(_variant), _recurrence(_variant), _flops(_variant),
         params={"chunk": 64},
         caps=Capabilities(causal=frozenset({True}), causal_reason=CAUSAL_REASON, layouts=frozenset(LAYOUTS),
-                          gqa=variant_gqa(_variant), gqa_reason=RETENTION_GQA_REASON,
-                          probe=None if variant_gqa(_variant) else _refuse_grouped),
+                          gqa=_variant.gqa, gqa_reason=RETENTION_GQA_REASON,
+                          probe=None if _variant.gqa else _refuse_grouped),
         kernel_name=_kernel_name(_variant), summary=_variant.summary, decoder=gated_decoder(_variant),
         inputs=_variant.inputs))
 

@@ -23,7 +23,7 @@ import torch
 from ..layouts import LAYOUTS, PACKED, Layout, repeat_kv, sum_over_sequences
 from ..linear.fla import TOLERANCE, _cu_seqlens
 from ..registry import Capabilities, Entry, Point, get, register
-from . import CAUSAL_REASON, RETENTION_GQA_REASON, VARIANTS, GatedVariant, token_work, variant_gqa
+from . import CAUSAL_REASON, RETENTION_GQA_REASON, VARIANTS, GatedVariant, token_work
 
 FLA_CHUNK = 64  # the chunk size of fla's chunk ops (their default)
 CHUNK, RECURRENT = "fla", "fla-recurrent"
@@ -105,7 +105,7 @@ def _caps(impl: str, variant: GatedVariant) -> Capabilities:
         dtypes=frozenset({"float32", "float16", "bfloat16"}),  # fla computes in float32 at most
         causal=frozenset({True}),
         layouts=frozenset(LAYOUTS),
-        gqa=variant_gqa(variant),
+        gqa=variant.gqa,
         requires=("fla",),
         device_reason=f"{OPS[impl, variant.name]} is a Triton GPU kernel",
         causal_reason=CAUSAL_REASON,
