@@ -153,11 +153,12 @@ def test_retention_refuses_grouped_heads_for_its_reason():
 def test_flops_count_the_chunks_inside_documents(name):
     entry = variants.get(name)
     dense = variants.Point(batch=1, heads=4, seq_len=128, head_dim=64, causal=True, params=entry.resolve())
-    rule = gated.VARIANTS[NAMES.index(entry.variant)].rule
-    assert entry.flops(dense) == 4 * 2 * gated.chunk_work(rule, 64, 64, 64)
+    variant = gated.VARIANTS[NAMES.index(entry.variant)]
+    per_chunk = gated.chunk_work(variant.rule, 64, 64, 64, channel_decay=variant.fixed_log_decay is None)
+    assert entry.flops(dense) == 4 * 2 * per_chunk
     packed = variants.Point(batch=1, heads=4, seq_len=128, head_dim=64, causal=True, params=entry.resolve(),
                             layout=PACKED, documents=Documents("equal", 4))
-    assert entry.flops(packed) == 4 * 4 * gated.chunk_work(rule, 64, 64, 64)  # four 32-token documents
+    assert entry.flops(packed) == 4 * 4 * per_chunk  # four 32-token documents
 
 
 # --- fla's chunk kernels, interpreted on CPU (tests/conftest.py) -----------------------------------

@@ -91,12 +91,15 @@ def _refuse_grouped(point: Point) -> str | None:
     return f"kv_heads={point.n_kv_heads} < heads={point.heads}: {RETENTION_GQA_REASON}" if point.grouped else None
 
 
-def log_decays(variant: GatedVariant, k: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor | None:
+def log_decays(variant: GatedVariant, k: torch.Tensor, g: torch.Tensor | None,
+               per_channel: bool = True) -> torch.Tensor | None:
     """The log-decays the recurrence takes for keys ``k`` ``(b, h, n, K)``: a fixed decay's constant per
-    head and key channel, else the given ``g`` (None for DeltaNet)."""
+    head, for each key channel ``(b, h, n, K)`` or once per token ``(b, h, n)`` (what decay_chunked
+    runs fastest), else the given ``g`` (None for DeltaNet)."""
     if variant.fixed_log_decay is None:
         return g
-    return variant.fixed_log_decay(k.shape[1], k.device).to(k.dtype)[:, None, None].expand(k.shape)
+    per_head = variant.fixed_log_decay(k.shape[1], k.device).to(k.dtype)
+    return per_head[:, None, None].expand(k.shape) if per_channel else per_head[:, None].expand(k.shape[:3])
 
 
 def _recurrence(variant: GatedVariant) -> Callable[..., torch.Tensor]:
@@ -119,7 +122,7 @@ def _chunked(variant: GatedVariant) -> Callable[..., torch.Tensor]:
         q, k, v = q.to(acc), repeat_kv(k, heads).to(acc), repeat_kv(v, heads).to(acc)
         g, beta = (None if x is None else repeat_kv(x, heads).to(acc) for x in (g, beta))
         if variant.rule == DECAY:
-            return decay_chunked(q, k, v, log_decays(variant, k, g), chunk)
+            return decay_chunked(q, k, v, log_decays(variant, k, g, per_channel=False), chunk)
         return delta_chunked(q, k, v, beta, g, chunk)
 
     def forward(q, k, v, *, causal: bool, chunk: int, layout: Layout | None = None, **extras) -> torch.Tensor:
@@ -138,13 +141,15 @@ def _chunked(variant: GatedVariant) -> Callable[..., torch.Tensor]:
 
 # --- FLOPs: the chunked forms' matmuls ------------------------------------------------------------
 
-def chunk_work(rule: str, chunk: int, k_dim: int, v_dim: int) -> float:
-    """Forward FLOPs of one chunk of one head: within-chunk scores, intra-chunk outputs, the state read
-    and the state update; the delta rule also its two unit-triangular solves (C² per right-hand-side
-    column) and the correction ``W S``."""
+def chunk_work(rule: str, chunk: int, k_dim: int, v_dim: int, channel_decay: bool = True) -> float:
+    """Forward FLOPs of one chunk of one head: within-chunk scores (with a decay per channel: 3·C²·K;
+    per head, retention's: 2·C²·K and the C² decays), intra-chunk outputs, the state read and the state
+    update; the delta rule also its two unit-triangular solves (C² per right-hand-side column) and the
+    correction ``W S``."""
     c, kd, vd = chunk, k_dim, v_dim
     if rule == DECAY:
-        return 3.0 * c * c * kd + 2.0 * c * c * vd + 4.0 * c * kd * vd  # scores carry a decay per channel
+        scores = 3.0 * c * c * kd if channel_decay else 2.0 * c * c * kd + c * c
+        return scores + 2.0 * c * c * vd + 4.0 * c * kd * vd
     return 4.0 * c * c * kd + c * c * (kd + vd) + 2.0 * c * c * vd + 6.0 * c * kd * vd
 
 
@@ -154,14 +159,14 @@ def token_work(rule: str, k_dim: int, v_dim: int) -> float:
     return (3.0 if rule == DECAY else 5.0) * k_dim * v_dim + 2.0 * k_dim * v_dim
 
 
-def work_per_sequence(rule: str, chunk: int, head_dim: int) -> Callable[[int], float]:
+def work_per_sequence(variant: GatedVariant, chunk: int, head_dim: int) -> Callable[[int], float]:
     """One head's work on a sequence of n tokens, padded to whole chunks."""
-    return lambda n: ceil_div(n, chunk) * chunk_work(rule, chunk, head_dim, head_dim)
+    per_chunk = chunk_work(variant.rule, chunk, head_dim, head_dim, variant.fixed_log_decay is None)
+    return lambda n: ceil_div(n, chunk) * per_chunk
 
 
 def _flops(variant: GatedVariant) -> Callable[[Point], float]:
-    return lambda point: sum_over_sequences(
-        point, work_per_sequence(variant.rule, point.params["chunk"], point.head_dim))
+    return lambda point: sum_over_sequences(point, work_per_sequence(variant, point.params["chunk"], point.head_dim))
 
 
 # --- decoding: a fixed-size state per sequence and state head -------------------------------------

@@ -37,11 +37,15 @@ def _causal_decays(log_decay: torch.Tensor) -> torch.Tensor:
 
 
 def decay_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The decay recurrence, ``g`` per key channel ``(b, h, n, K)``."""
+    """The decay recurrence, ``g`` per key channel ``(b, h, n, K)`` or per head ``(b, h, n)`` (a scalar
+    decay: the within-chunk decays are then one ``C × C`` matrix, not one per channel)."""
     n = q.shape[2]
-    q, k, v, g = (_chunks(x, chunk) for x in (scaled(q), k, v, g))
-    gamma = g.cumsum(dim=3)  # (b, h, N, C, K)
-    within = torch.einsum("...ik,...jk,...ijk->...ij", q, k, _causal_decays(g))
+    per_channel = g.dim() == 4
+    q, k, v, g = (_chunks(x, chunk) for x in (scaled(q), k, v, g if per_channel else g[..., None]))
+    gamma = g.cumsum(dim=3)  # (b, h, N, C, K or 1)
+    decays = _causal_decays(g)  # (b, h, N, C, C, K or 1)
+    within = torch.einsum("...ik,...jk,...ijk->...ij", q, k, decays) if per_channel \
+        else (q @ k.transpose(-2, -1)) * decays[..., 0]
     out = within @ v
     state = q.new_zeros((*q.shape[:2], q.shape[-1], v.shape[-1]))
     carried = []
