@@ -115,6 +115,18 @@ def test_strong_decays_stay_finite():
     assert torch.isfinite(out).all() and variants.relative_error(out, expected) <= 1e-10
 
 
+@pytest.mark.parametrize("per_token", [-0.9, -1.0])  # a 64-token chunk decays by e^−57.6 (factored), e^−64 (pairwise)
+def test_channel_decays_near_the_factored_limit_keep_float32_precision(per_token):
+    """Within a chunk the per-channel scores are factored as (q ⊙ e^Γ)(k ⊙ e^−Γ)ᵀ while e^−Γ ≤ e^60, pairwise
+    beyond: both hold float32 to its tolerance at the edge."""
+    entry = variants.get("gla/chunked")
+    q, k, v = seeded(f"edge{per_token}", *[(1, 2, 64, D)] * 3)
+    g = torch.full((1, 2, 64, D), per_token, dtype=torch.float64)
+    expected = entry.reference(q, k, v, causal=True, g=g)
+    out = entry(*(t.float() for t in (q, k, v)), causal=True, g=g.float(), chunk=64)
+    assert variants.relative_error(out, expected) <= entry.tolerance["float32"]
+
+
 def test_retention_decays_per_head():
     log_decay = gated.retention_log_decay(3, "cpu")
     assert torch.allclose(log_decay.exp(), torch.tensor([1 - 2 ** -5, 1 - 2 ** -6, 1 - 2 ** -7], dtype=torch.float64))

@@ -142,13 +142,13 @@ def _chunked(variant: GatedVariant) -> Callable[..., torch.Tensor]:
 # --- FLOPs: the chunked forms' matmuls ------------------------------------------------------------
 
 def chunk_work(rule: str, chunk: int, k_dim: int, v_dim: int, channel_decay: bool = True) -> float:
-    """Forward FLOPs of one chunk of one head: within-chunk scores (with a decay per channel: 3·C²·K;
-    per head, retention's: 2·C²·K and the C² decays), intra-chunk outputs, the state read and the state
-    update; the delta rule also its two unit-triangular solves (C² per right-hand-side column) and the
-    correction ``W S``."""
+    """Forward FLOPs of one chunk of one head: within-chunk scores (with a decay per channel, factored:
+    2·C²·K and 2·C·K to scale q and k; per head, retention's: 2·C²·K and the C² decays), intra-chunk
+    outputs, the state read and the state update; the delta rule also its two unit-triangular solves
+    (C² per right-hand-side column) and the correction ``W S``."""
     c, kd, vd = chunk, k_dim, v_dim
     if rule == DECAY:
-        scores = 3.0 * c * c * kd if channel_decay else 2.0 * c * c * kd + c * c
+        scores = 2.0 * c * c * kd + (2.0 * c * kd if channel_decay else c * c)
         return scores + 2.0 * c * c * vd + 4.0 * c * kd * vd
     return 4.0 * c * c * kd + c * c * (kd + vd) + 2.0 * c * c * vd + 6.0 * c * kd * vd
 

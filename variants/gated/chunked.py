@@ -36,6 +36,22 @@ def _causal_decays(log_decay: torch.Tensor) -> torch.Tensor:
     return diff.masked_fill(above[..., None] if per_channel else above, float("-inf")).exp()
 
 
+# exp(−Γ) of a chunk's cumulative log-decays stays below e^60 (float32 holds 3e38) while Γ ≥ −60.
+FACTORED_LIMIT = 60.0
+
+
+def _decayed_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``Σ_k q_ik k_jk exp(Γ_ik − Γ_jk)`` for j ≤ i (0 above) per chunk, a decay per key channel. Factored
+    as ``(q ⊙ e^Γ)(k ⊙ e^−Γ)ᵀ`` — one matmul instead of a C × C decay per channel, each term exact to
+    rounding — while every ``e^−Γ`` is finite with room to spare; pairwise otherwise (gates so strong
+    that a chunk decays by more than e^60)."""
+    if bool(gamma.detach().min() >= -FACTORED_LIMIT):
+        scores = (q * gamma.exp()) @ (k * (-gamma).exp()).transpose(-2, -1)
+        above = torch.ones(scores.shape[-1], scores.shape[-1], dtype=torch.bool, device=q.device).triu(1)
+        return scores.masked_fill(above, 0.0)  # above the diagonal e^(Γ_i − Γ_j) ≥ 1: dropped, not multiplied
+    return torch.einsum("...ik,...jk,...ijk->...ij", q, k, _causal_decays(g))
+
+
 def decay_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, chunk: int) -> torch.Tensor:
     """The decay recurrence, ``g`` per key channel ``(b, h, n, K)`` or per head ``(b, h, n)`` (a scalar
     decay: the within-chunk decays are then one ``C × C`` matrix, not one per channel)."""
@@ -43,9 +59,7 @@ def decay_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     per_channel = g.dim() == 4
     q, k, v, g = (_chunks(x, chunk) for x in (scaled(q), k, v, g if per_channel else g[..., None]))
     gamma = g.cumsum(dim=3)  # (b, h, N, C, K or 1)
-    decays = _causal_decays(g)  # (b, h, N, C, C, K or 1)
-    within = torch.einsum("...ik,...jk,...ijk->...ij", q, k, decays) if per_channel \
-        else (q @ k.transpose(-2, -1)) * decays[..., 0]
+    within = _decayed_scores(q, k, g, gamma) if per_channel else (q @ k.transpose(-2, -1)) * _causal_decays(g)[..., 0]
     out = within @ v
     state = q.new_zeros((*q.shape[:2], q.shape[-1], v.shape[-1]))
     carried = []
