@@ -4,9 +4,9 @@ linear attention, the delta rule's β, a sink's logit.
 An entry declares each (:class:`ExtraInput`): its name, its shape, and the activation that makes its
 values. The benchmark draws it as fla's tests draw theirs (the activation of a standard normal draw);
 the training model computes it from each token's hidden state through a projection of its own and
-the same activation, as the published architectures do. Per-token inputs follow the key/value heads
-(they gate the state those heads keep) and the tokens (a document's slice is the document's own);
-per-head ones follow the query heads.
+the same activation, starting from the raw value the published layer starts at, as the published
+architectures do. Per-token inputs follow the key/value heads (they gate the state those heads
+keep) and the tokens (a document's slice is the document's own); per-head ones follow the query heads.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class ExtraInput:
     channels: bool = False  # one value per key channel (head_dim) rather than one per head
     activation: Callable[[torch.Tensor], torch.Tensor] = identity  # raw draw or projection -> the input
     summary: str = ""
+    # Where a training model's projection (its bias, or a per-head value) starts, before the activation:
+    # the published layers choose it, e.g. a decay that starts near 1 rather than at the activation of 0.
+    initial_raw: float = 0.0
 
     def shape(self, rows: int, heads: int, kv_heads: int, tokens: int, head_dim: int) -> tuple[int, ...]:
         if not self.per_token:

@@ -79,7 +79,8 @@ class Attention(nn.Module):
     the output projection; and each extra input the entry declares (variants.inputs), made as the
     published architectures make theirs: a per-token one (GLA's gates, DeltaNet's β) by a projection
     of the token's hidden state of its own, then the input's activation; a per-head one (a sink's
-    logit) from a learned parameter per head, through the same activation."""
+    logit) from a learned parameter per head, through the same activation. Both start from the
+    input's ``initial_raw`` (the projection's bias; its weights start as nn.Linear's)."""
 
     def __init__(self, cfg: ModelConfig, entry: Entry) -> None:
         super().__init__()
@@ -90,9 +91,12 @@ class Attention(nn.Module):
         per_token = [x for x in entry.inputs if x.per_token]
         self.projections = nn.ModuleDict({x.name: nn.Linear(cfg.d_model, cfg.heads * x.width(cfg.head_dim))
                                           for x in per_token})
-        # Zeros, not a draw: every head starts alike and the gradient tells them apart; a sink's logit
-        # of 0 starts the sink as heavy as one key of score 0, neither dominant nor absent.
-        self.per_head = nn.ParameterDict({x.name: nn.Parameter(torch.zeros(cfg.heads))
+        with torch.no_grad():
+            for x in per_token:
+                self.projections[x.name].bias.fill_(x.initial_raw)
+        # A constant, not a draw: every head starts alike and the gradient tells them apart; a sink's
+        # logit of 0 starts the sink as heavy as one key of score 0, neither dominant nor absent.
+        self.per_head = nn.ParameterDict({x.name: nn.Parameter(torch.full((cfg.heads,), x.initial_raw))
                                           for x in entry.inputs if not x.per_token})
 
     def extra_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ their padding comes after every real query.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,7 +50,12 @@ def gla_gate(x: torch.Tensor) -> torch.Tensor:
 
 
 G_CHANNELS = ExtraInput("g", channels=True, activation=gla_gate, summary="log-decay per key channel")
-G_SCALAR = ExtraInput("g", activation=F.logsigmoid, summary="log-decay per head")
+# Gated DeltaNet's layer (fla's, after Mamba-2) starts its per-token decay e^(−A·dt) near 1 (A in
+# [1, 16], dt in [0.001, 0.1]); logsigmoid of a zero projection would start it at ½, forgetting every
+# key within a few tokens. It starts here at GLA's first decay, 2^(−1/16) ≈ 0.958: sigmoid(raw) = that.
+GDN_INITIAL_DECAY = 2 ** (-1 / 16)
+G_SCALAR = ExtraInput("g", activation=F.logsigmoid, summary="log-decay per head",
+                      initial_raw=math.log(GDN_INITIAL_DECAY / (1 - GDN_INITIAL_DECAY)))
 BETA = ExtraInput("beta", activation=torch.sigmoid, summary="delta-rule writing strength β")
 
 
