@@ -21,8 +21,8 @@ from variants.registry import _REGISTRY, Entry
 
 GATE = ExtraInput("g", channels=True, activation=lambda x: F.logsigmoid(x) / 16)  # GLA's gate
 BETA = ExtraInput("beta", activation=torch.sigmoid)  # DeltaNet's β
-DECAY = ExtraInput("g", activation=F.logsigmoid)  # Gated DeltaNet's scalar decay
-SINK = ExtraInput("sink", per_token=False)  # a learned logit per head
+DECAY = ExtraInput("g", activation=F.logsigmoid, initial_raw=3.0)  # Gated DeltaNet's decay, starting near 1
+SINK = ExtraInput("sink", per_token=False, initial_raw=-1.0)  # a learned logit per head
 
 
 def _sink_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
@@ -86,11 +86,30 @@ def test_attention_gives_each_extra_input_its_projection_shape_and_activation(na
             assert projection.out_features == CFG.heads * spec.width(CFG.head_dim)
             raw = (x @ projection.weight.T + projection.bias).view(3, 10, CFG.heads, -1).transpose(1, 2)
             expected = spec.activation(raw if spec.channels else raw[..., 0])
-        else:  # a learned value per head, from zeros
-            expected = spec.activation(torch.zeros(CFG.heads))
+        else:  # a learned value per head, from its initial raw value
+            expected = spec.activation(torch.full((CFG.heads,), spec.initial_raw))
         torch.testing.assert_close(given[spec.name], expected)
     assert set(layer.projections) == {s.name for s in entry.inputs if s.per_token}
     assert set(layer.per_head) == {s.name for s in entry.inputs if not s.per_token}
+
+
+@pytest.mark.parametrize("name", ["test-gla/chunked", "test-gdn/chunked", "test-sink/dense"])
+def test_extra_inputs_start_from_their_initial_raw_value(name):
+    """For a hidden state of zeros only the start is left: the activation of ``initial_raw``."""
+    entry = variants.get(name)
+    layer = Attention(CFG, entry)
+    given = layer.extra_inputs(torch.zeros(2, 5, CFG.d_model))
+    for spec in entry.inputs:
+        expected = spec.activation(torch.tensor(spec.initial_raw)).expand(given[spec.name].shape)
+        torch.testing.assert_close(given[spec.name], expected)
+
+
+def test_gated_deltanet_starts_with_a_decay_near_one():
+    """The registered entry's decay starts at 2^(−1/16) per token (GLA's), not logsigmoid(0) = ½:
+    a key is still weighted 2^(−4) = 1/16 after 64 tokens."""
+    layer = Attention(CFG, variants.get("gated-deltanet", "chunked"))
+    g = layer.extra_inputs(torch.zeros(1, 64, CFG.d_model))["g"]
+    torch.testing.assert_close(g.sum(-1).exp(), torch.full_like(g[..., 0], 1 / 16))
 
 
 def test_gradients_reach_every_extra_input_parameter():
