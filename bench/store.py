@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from .errors import BadInput
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Columns of a point's identity: two rows with the same key measured the same thing.
 KEY_COLUMNS = ("kind", "variant", "impl", "params", "mode", "causal", "batch", "heads", "seq_len",
@@ -64,6 +64,8 @@ COLUMNS: dict[str, pa.DataType] = {
     "step_time_ms": _F, "tokens_per_s": _F, "n_params": _I, "opt_state_bytes": _I, "grad_bytes": _I,
     "accum_steps": _I, "micro_batch": _I, "layer_sharing": _S, "gelu": _S, "gelu_max_abs_err": _F,
     "grad_rel_err": _F, "seed": _I, "corpus": _S,
+    # the training loss, per window of steps (JSON list; schema 4)
+    "loss_curve": _S,
     # environment
     "device_name": _S, "device_capability": _S, "driver": _S, "sm_clock_mhz": _F, "throttle": _S,
     "torch_version": _S, "cuda_version": _S, "triton_version": _S, "xformers_version": _S,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pandas as pd
@@ -14,6 +15,7 @@ from bench import spec, train
 from bench.cli import app
 from bench.errors import BadInput
 from bench.measure import MeasureSettings
+from bench.train.loop import loss_curve
 from bench.train.model import GELUS, ModelConfig, TinyLM, gelu_max_abs_error, token_loss_sum
 from bench.train.tasks import MQAR, Bytes
 
@@ -186,6 +188,15 @@ def test_short_training_lowers_the_loss(tmp_path):
     assert row["final_loss"] < untrained - 0.3, (row["final_loss"], untrained)
     assert row["n_params"] > 0 and row["opt_state_bytes"] == 2 * row["grad_bytes"] + 4 * len(
         list(TinyLM(task.config(), variants.get("standard/sdpa-math")).parameters()))  # exp_avg, exp_avg_sq, step
+    curve = json.loads(row["loss_curve"])  # 60 steps in 30 windows of 2
+    assert len(curve) == 30 and abs(curve[0] - untrained) < 0.1 * untrained, (curve[0], untrained)
+    assert curve[-1] < curve[0] - 0.3
+
+
+def test_loss_curve_averages_windows_of_steps():
+    assert loss_curve([1.0, 2.0, 3.0, 4.0, 5.0], points=2) == [2.0, 4.5]  # windows of ⌈5/2⌉ = 3, the last short
+    assert loss_curve([float(i) for i in range(60)]) == [2 * i + 0.5 for i in range(30)]
+    assert loss_curve([3.0, 1.0]) == [3.0, 1.0]  # fewer steps than points: every step
 
 
 BAD_TRAIN = [

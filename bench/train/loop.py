@@ -30,6 +30,7 @@ from .spec import MODEL_KEYS, Study, TrainSpec
 from .tasks import IGNORE, TaskData
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), label IGNORE = not scored
+CURVE_POINTS = 30  # values of a run's stored training curve (loss_curve)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits at scored positions, labels) -> loss
 
 
@@ -176,12 +177,19 @@ def make_optimizer(model: TinyLM, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
-def optimizer_step(model: TinyLM, optimizer: torch.optim.Optimizer, batch: Batch, k: int) -> None:
-    """One step on `batch`, its gradient accumulated over k micro-batches and clipped to norm 1."""
-    accumulate_gradients(model, split_batch(*batch, k))
+def optimizer_step(model: TinyLM, optimizer: torch.optim.Optimizer, batch: Batch, k: int) -> float:
+    """One step on `batch`, its gradient accumulated over k micro-batches and clipped to norm 1; the
+    step's training loss per scored token."""
+    loss = accumulate_gradients(model, split_batch(*batch, k))
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def logged_step(losses: list[float], *step: Any) -> None:
+    """:func:`optimizer_step` whose loss is appended to `losses` (timed calls return nothing)."""
+    losses.append(optimizer_step(*step))
 
 
 def timed_ms(run: Callable[[], None], device: Device) -> float:
@@ -193,16 +201,24 @@ def timed_ms(run: Callable[[], None], device: Device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def loss_curve(losses: list[float], points: int = CURVE_POINTS) -> list[float]:
+    """The mean of each successive window of ``⌈len/points⌉`` step losses (the last window may be
+    shorter): a training curve of at most `points` values, whatever the steps."""
+    width = max(1, math.ceil(len(losses) / points))
+    return [statistics.fmean(losses[i:i + width]) for i in range(0, len(losses), width)]
+
+
 def fit(model: TinyLM, data: TaskData, task: TrainTask,
-        device: Device) -> tuple[torch.optim.Optimizer, list[float], int]:
+        device: Device) -> tuple[torch.optim.Optimizer, list[float], int, list[float]]:
     """Train for the study's steps: the last optimizer (its state is measured), the times of every
-    step but the last in ms, and the last step's peak memory in bytes."""
+    step but the last in ms, the last step's peak memory in bytes, and every step's training loss."""
     study = task.study
     gen = torch.Generator().manual_seed(task.seed)
     warmup_steps = max(1, round(study.warmup * study.steps))
     untie_step = round(study.untie_at * study.steps) if task.sharing == "untied" else None
     optimizer = make_optimizer(model, study.lr)
     times: list[float] = []
+    losses: list[float] = []
     peak = 0
     for i in range(study.steps):
         if i == untie_step:
@@ -211,12 +227,12 @@ def fit(model: TinyLM, data: TaskData, task: TrainTask,
         for group in optimizer.param_groups:
             group["lr"] = study.lr * min(1.0, (i + 1) / warmup_steps)
         batch = to_device(data.batch(study.batch, gen), device.tensors)  # data generation is not step time
-        step = functools.partial(optimizer_step, model, optimizer, batch, task.accum_steps)
+        step = functools.partial(logged_step, losses, model, optimizer, batch, task.accum_steps)
         if i == study.steps - 1:  # the last step, untimed, gives the memory figure
             peak = device.peak_memory(Call(step))
         else:
             times.append(timed_ms(step, device))
-    return optimizer, times, peak
+    return optimizer, times, peak, losses
 
 
 def step_time_columns(times: list[float], tokens_per_step: int) -> dict[str, Any]:
@@ -239,14 +255,14 @@ def train(task: TrainTask, device: Device) -> dict[str, Any]:
     torch.manual_seed(task.seed)  # the same initial weights for every trick of a seed
     model = TinyLM(task.config(), variants.get(task.variant, task.impl)).to(device.tensors)
     grad_rel_err = accumulation_check(model, data, task)
-    optimizer, times, peak = fit(model, data, task, device)
+    optimizer, times, peak, losses = fit(model, data, task, device)
     held_out = data.eval_batches(study.batch, study.eval_batches, task.seed)
     loss, accuracy = evaluate(model, [to_device(b, device.tensors) for b in held_out])
     opt_state = (t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     return {
         "status": "ok", "reason": None, "kernel": f"training step, attention {task.variant}/{task.impl}",
         "tokens_seen": study.steps * study.batch * data.seq_len, "final_loss": loss,
-        "accuracy": accuracy if study.task == "mqar" else None,
+        "accuracy": accuracy if study.task == "mqar" else None, "loss_curve": json.dumps(loss_curve(losses)),
         "bpb": loss / math.log(2) if study.task == "bytes" else None,
         **step_time_columns(times, study.batch * data.seq_len),
         "peak_mem_bytes": peak, "n_params": model.n_params(), "opt_state_bytes": tensor_bytes(opt_state),
