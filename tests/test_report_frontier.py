@@ -5,6 +5,7 @@ where the training run holds no recall study, left out of a run of one kind)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -157,3 +158,27 @@ def test_frontier_line_names_the_missing_axis(committed: pd.DataFrame):
     decode_only = committed[(committed["kind"] == "train") | committed["mode"].eq("decode")]
     body = sections(render(decode_only, sections=[frontier_section]))["frontier"]
     assert "No frontier: no fwd_bwd kernel point ran ok." in body and "training study" not in body
+
+
+def test_recall_curves_place_each_window_at_its_step():
+    curve = lambda values: {"loss_curve": json.dumps(values), "steps": 60}  # noqa: E731
+    t = pd.DataFrame([
+        {**trained("soft", "fast", 1, 1.0), **curve([3.0, 1.0, 0.1])},
+        {**trained("soft", "fast", 0, 0.9), **curve([3.0, 2.0, 0.5])},
+        {**trained("lin", "chunked", 0, 0.1), "loss_curve": None, "steps": 60},  # schema 3: no curve
+        {**trained("win", "blocked", 0, 0.9, study="other"), **curve([1.0])},  # another study
+        {**trained("win", "blocked", 1, 0.1, status="error"), **curve([1.0])},
+    ])
+    curves = analysis.recall_curves(t)
+    assert curves[["variant", "seed"]].values.tolist() == [["soft", 0], ["soft", 1]]  # sorted by seed
+    assert curves["step"].iloc[0] == [10.0, 30.0, 50.0]  # windows of 20 steps, at their centres
+    assert curves["loss"].tolist() == [[3.0, 2.0, 0.5], [3.0, 1.0, 0.1]]
+    assert analysis.recall_curves(t.drop(columns="loss_curve")).empty  # results older than schema 4
+
+
+def test_frontier_section_draws_the_recall_curves_it_has(committed: pd.DataFrame):
+    title = "Recall study: training curves"
+    assert title not in sections(render(committed, sections=[frontier_section]))["frontier"]
+    with_curves = committed.assign(loss_curve=committed["kind"].map({"train": json.dumps([3.0, 2.5, 0.1])}))
+    body = sections(render(with_curves, sections=[frontier_section]))["frontier"]
+    assert title in body and body.count("<svg") == 2 and 'data-panel="recall curves"' in body

@@ -903,6 +903,21 @@ def frontier_recall(train: pd.DataFrame) -> pd.DataFrame:
     return best[["variant", "family", "recall", "recall_std", "seeds"]]
 
 
+def recall_curves(train: pd.DataFrame) -> pd.DataFrame:
+    """The training curves of the recall study's ok runs that kept one (schema 4): one row per run,
+    ``variant``, ``impl``, ``seed``, ``accuracy``, ``step`` (the centre step of each window) and
+    ``loss`` (that window's mean training loss), the two as lists."""
+    ok = train[(train["status"] == "ok") & train["study"].eq(RECALL_STUDY) & train["task"].eq(RECALL_TASK)]
+    if "loss_curve" not in ok:
+        return pd.DataFrame(columns=["variant", "impl", "seed", "accuracy", "step", "loss"])
+    ok = ok[ok["loss_curve"].notna()]
+    losses = [json.loads(text) for text in ok["loss_curve"]]
+    steps = [[steps * (i + 0.5) / len(curve) for i in range(len(curve))]
+             for steps, curve in zip(ok["steps"], losses, strict=True)]
+    return ok[["variant", "impl", "seed", "accuracy"]].assign(step=steps, loss=losses).sort_values(
+        ["variant", "impl", "seed"], ignore_index=True)
+
+
 def frontier(kernel: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     """Per device and variant: fwd_bwd time (frontier_speed), decode cache (frontier_cache) and MQAR
     recall (frontier_recall), joined by variant name; a value a variant lacks is NaN. ``on_front``:

@@ -481,3 +481,20 @@ def frontier_figure(data: pd.DataFrame, colour_of: dict[str, str]) -> str:
     handles.append(Line2D([], [], color="#444444", linewidth=1.0, linestyle=(0, (3, 2))))
     canvas.legend(handles, labels)
     return _svg(canvas.fig)
+
+
+@_styled
+def curves_figure(data: pd.DataFrame, colour_of: dict[str, str]) -> str:
+    """Training loss against step of each run of analysis.recall_curves, coloured by variant: a
+    run that never left the loss plateau stays flat, one that learned to recall drops off it."""
+    labels = [_text(v) for v in dict.fromkeys(data["variant"])]
+    canvas, (ax,) = _line_canvas(labels, 1, WIDE_PLOT * 0.75, 0.0)
+    for _, run in data.iterrows():
+        ax.plot(run["step"], run["loss"], color=colour_of.get(run["variant"], PALETTE[0]), linewidth=1.1,
+                alpha=0.85)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats per scored token)")
+    ax.set_ylim(bottom=0)
+    handles = [Line2D([], [], color=colour_of.get(v, PALETTE[0]), linewidth=1.5) for v in dict.fromkeys(data["variant"])]
+    canvas.legend(handles, labels)
+    return _svg(canvas.fig)

@@ -522,7 +522,9 @@ def frontier_section(report: Report) -> Section | None:
     items = [{"title": device, "config": rows["config"].iloc[0],
               "svg": Markup(figures.frontier_figure(rows, colour_of)), "rows": _records(rows)}
              for device, rows in table.groupby("device_name", sort=True)]
-    return Section("frontier", FRONTIER_TITLE, _render("frontier.html.j2", items=items))
+    curves = analysis.recall_curves(report.train)
+    curves_svg = Markup(figures.curves_figure(curves, colour_of)) if len(curves) else None
+    return Section("frontier", FRONTIER_TITLE, _render("frontier.html.j2", items=items, curves_svg=curves_svg))
 
 
 def problems_section(report: Report) -> Section:
