@@ -893,10 +893,15 @@ def frontier_cache(kernel: pd.DataFrame) -> pd.DataFrame:
         ["device_name", "variant", "cache_impl", "cache_len", "cache_bytes"]]
 
 
+def _recall_runs(train: pd.DataFrame) -> pd.DataFrame:
+    """The ok runs of the training study ``recall`` on MQAR."""
+    return train[(train["status"] == "ok") & train["study"].eq(RECALL_STUDY) & train["task"].eq(RECALL_TASK)]
+
+
 def frontier_recall(train: pd.DataFrame) -> pd.DataFrame:
     """Per variant, MQAR recall of the study ``recall`` (ok rows): the mean and standard deviation over
     seeds of the held-out accuracy after training, of its best impl, and how many seeds."""
-    ok = train[(train["status"] == "ok") & train["study"].eq(RECALL_STUDY) & train["task"].eq(RECALL_TASK)]
+    ok = _recall_runs(train)
     per_impl = ok.groupby(["variant", "family", "impl"], as_index=False).agg(
         recall=("accuracy", "mean"), recall_std=("accuracy", "std"), seeds=("seed", "nunique"))
     best = per_impl.loc[per_impl.groupby("variant")["recall"].idxmax()] if len(per_impl) else per_impl
@@ -905,9 +910,9 @@ def frontier_recall(train: pd.DataFrame) -> pd.DataFrame:
 
 def recall_curves(train: pd.DataFrame) -> pd.DataFrame:
     """The training curves of the recall study's ok runs that kept one (schema 4): one row per run,
-    ``variant``, ``impl``, ``seed``, ``accuracy``, ``step`` (the centre step of each window) and
+    ``variant``, ``impl``, ``seed``, ``accuracy``, ``step`` (each window's middle, the steps spread evenly) and
     ``loss`` (that window's mean training loss), the two as lists."""
-    ok = train[(train["status"] == "ok") & train["study"].eq(RECALL_STUDY) & train["task"].eq(RECALL_TASK)]
+    ok = _recall_runs(train)
     if "loss_curve" not in ok:
         return pd.DataFrame(columns=["variant", "impl", "seed", "accuracy", "step", "loss"])
     ok = ok[ok["loss_curve"].notna()]

@@ -487,7 +487,8 @@ def frontier_figure(data: pd.DataFrame, colour_of: dict[str, str]) -> str:
 def curves_figure(data: pd.DataFrame, colour_of: dict[str, str]) -> str:
     """Training loss against step of each run of analysis.recall_curves, coloured by variant: a
     run that never left the loss plateau stays flat, one that learned to recall drops off it."""
-    labels = [_text(v) for v in dict.fromkeys(data["variant"])]
+    drawn = list(dict.fromkeys(data["variant"]))  # variants in the order of their first run
+    labels = [_text(v) for v in drawn]
     canvas, (ax,) = _line_canvas(labels, 1, WIDE_PLOT * 0.75, 0.0)
     for _, run in data.iterrows():
         ax.plot(run["step"], run["loss"], color=colour_of.get(run["variant"], PALETTE[0]), linewidth=1.1,
@@ -495,6 +496,6 @@ def curves_figure(data: pd.DataFrame, colour_of: dict[str, str]) -> str:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats per scored token)")
     ax.set_ylim(bottom=0)
-    handles = [Line2D([], [], color=colour_of.get(v, PALETTE[0]), linewidth=1.5) for v in dict.fromkeys(data["variant"])]
+    handles = [Line2D([], [], color=colour_of.get(v, PALETTE[0]), linewidth=1.5) for v in drawn]
     canvas.legend(handles, labels)
     return _svg(canvas.fig)
